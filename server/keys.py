@@ -1,0 +1,150 @@
+"""API keys: created by the admin, stored hashed in Redis, checked on every request.
+
+A key reads ``sr-<key_id>-<secret>``: ``key_id`` (16 hex digits) names the Redis record and the
+accounting keys, ``secret`` (32 random bytes, URL-safe base64) is never stored: only
+HMAC-SHA256(pepper, secret) is. A fast keyed hash is the right tool for 256-bit random secrets (no
+dictionary to slow down). Unknown ids and wrong secrets take the same path and get the same 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+
+from server.accounting import Accounting
+from server.errors import AuthenticationError
+
+KEY_PATTERN = re.compile(r"^sr-(?P<key_id>[0-9a-f]{16})-(?P<secret>[A-Za-z0-9_-]{43})$")
+
+
+class KeySpec(BaseModel):
+    """What an admin sets on a key. Budgets and rates count images (1 query = 1 image)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=128, description="a label for people")
+    budget: int = Field(10_000, ge=-1, description="lifetime images; -1 = unlimited")
+    rate: float = Field(0.0, ge=0, le=1e6, description="sustained images per second; 0 = no rate limit")
+    burst: int = Field(1024, ge=1, le=10_000_000, description="images allowed at once (GCRA tolerance)")
+    tier: str = Field(
+        "standard", pattern=r"^[a-z0-9_-]{1,32}$", description="output-mode tier, see model cards"
+    )
+    models: list[str] = Field(["*"], description="model names this key may query; '*' = all")
+    defense_profile: str | None = Field(None, max_length=64, description="named defense profile for this key")
+
+
+class KeyRecord(KeySpec):
+    """A stored key as the admin API shows it (never with its secret)."""
+
+    key_id: str
+    created_at: str
+    revoked: bool = False
+    used: int = 0
+
+    def allows_model(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+class CreatedKey(BaseModel):
+    """The answer to a key creation: the only time the full API key is shown."""
+
+    api_key: str
+    record: KeyRecord
+
+
+class KeyStore:
+    """Create, read, list, revoke and authenticate keys in Redis."""
+
+    def __init__(self, redis: Redis, accounting: Accounting, pepper: str = "") -> None:
+        self.redis = redis
+        self.accounting = accounting
+        self.pepper = pepper.encode()
+        self.index = f"{accounting.prefix}:keys"
+        self._dummy_hash = self._hash("0" * 43)
+
+    def _hash(self, secret: str) -> str:
+        return hmac.new(self.pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+    async def create(self, spec: KeySpec) -> CreatedKey:
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        record = KeyRecord(
+            **spec.model_dump(), key_id=key_id, created_at=datetime.now(UTC).isoformat(timespec="seconds")
+        )
+        fields = {
+            "key_id": key_id,
+            "name": spec.name,
+            "secret_hash": self._hash(secret),
+            "budget": spec.budget,
+            "used": 0,
+            "rate": repr(float(spec.rate)),
+            "burst": spec.burst,
+            "tier": spec.tier,
+            "models": json.dumps(spec.models),
+            "defense_profile": spec.defense_profile or "",
+            "created_at": record.created_at,
+            "revoked": 0,
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.accounting.key_hash(key_id), mapping=fields)
+            pipe.sadd(self.index, key_id)
+            await pipe.execute()
+        return CreatedKey(api_key=f"sr-{key_id}-{secret}", record=record)
+
+    async def _load(self, key_id: str) -> tuple[KeyRecord, str] | None:
+        raw = await self.redis.hgetall(self.accounting.key_hash(key_id))
+        if not raw:
+            return None
+        f = {_text(k): _text(v) for k, v in raw.items()}
+        record = KeyRecord(
+            key_id=f["key_id"],
+            name=f.get("name", ""),
+            budget=int(f["budget"]),
+            rate=float(f.get("rate", "0")),
+            burst=int(f.get("burst", "1")),
+            tier=f.get("tier", "standard"),
+            models=json.loads(f.get("models", '["*"]')),
+            defense_profile=f.get("defense_profile") or None,
+            created_at=f.get("created_at", ""),
+            revoked=f.get("revoked") == "1",
+            used=int(f.get("used", "0")),
+        )
+        return record, f.get("secret_hash", "")
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        loaded = await self._load(key_id)
+        return loaded[0] if loaded else None
+
+    async def list(self) -> list[KeyRecord]:
+        ids = sorted(_text(k) for k in await self.redis.smembers(self.index))
+        records = [await self.get(key_id) for key_id in ids]
+        return [r for r in records if r is not None]
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        """Mark a key revoked: the charge script refuses it from the next request on."""
+        if not await self.redis.exists(self.accounting.key_hash(key_id)):
+            return None
+        await self.redis.hset(self.accounting.key_hash(key_id), "revoked", 1)
+        return await self.get(key_id)
+
+    async def authenticate(self, presented: str | None) -> KeyRecord:
+        """The record of a valid, unrevoked key; one 401 for every other case."""
+        match = KEY_PATTERN.match(presented or "")
+        loaded = await self._load(match["key_id"]) if match else None
+        stored = loaded[1] if loaded else self._dummy_hash
+        given = self._hash(match["secret"] if match else "x" * 43)
+        valid = hmac.compare_digest(stored, given) and loaded is not None
+        if not valid or loaded is None or loaded[0].revoked:
+            raise AuthenticationError("invalid API key")
+        return loaded[0]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

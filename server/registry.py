@@ -1,0 +1,140 @@
+"""The model registry: every checkpoint folder of the model store, loaded once at startup.
+
+A bad store stops startup with a clear message (missing or invalid card, weights whose sha256 does
+not match the card, duplicate names) rather than serving half of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoints import CARD_FILE, ModelCard, OutputMode, load_checkpoint
+from common.models import ImageModel
+from server.errors import InvalidInputError, NotFoundError
+
+# Output tensor name -> the output mode a key's tier must allow to receive it.
+OUTPUT_MODES: dict[str, OutputMode] = {
+    "logits": "logits",
+    "probabilities": "probabilities",
+    "label": "label",
+    "top_k_indices": "top_k",
+    "top_k_probabilities": "top_k",
+    "embedding": "embedding",
+}
+# Outputs sent when a request names none: the richest mode the tier allows, in this order.
+DEFAULT_PREFERENCE: dict[str, list[list[str]]] = {
+    "classifier": [["probabilities"], ["top_k_indices", "top_k_probabilities"], ["label"], ["logits"]],
+    "encoder": [["embedding"]],
+}
+
+
+class ModelStoreError(RuntimeError):
+    """The model store cannot be served as it is."""
+
+
+@dataclass
+class ServedModel:
+    """A loaded checkpoint and what the API needs to know about it."""
+
+    card: ModelCard
+    model: ImageModel
+    device: torch.device
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    def outputs_for_tier(self, tier: str) -> list[str]:
+        modes = set(self.card.modes_for_tier(tier))
+        return [name for name in self.output_names if OUTPUT_MODES[name] in modes]
+
+    def default_outputs(self, tier: str) -> list[str]:
+        allowed = set(self.outputs_for_tier(tier))
+        for group in DEFAULT_PREFERENCE[self.card.kind]:
+            if set(group) <= allowed:
+                return group
+        return []
+
+    def to_model_input(self, images: np.ndarray) -> torch.Tensor:
+        """Check a batch against the card (shape, dtype, range) and make [0, 1] floats of it."""
+        expected = self.card.input.shape
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            shape = "x".join(map(str, expected))
+            raise InvalidInputError(
+                f"input shape {list(images.shape)} does not match [n, {', '.join(map(str, expected))}] "
+                f"(model {self.name} takes {shape} images)",
+                code="invalid_shape",
+            )
+        if images.dtype == np.uint8:
+            return torch.from_numpy(np.array(images, copy=True)).to(self.device).float().div_(255)
+        if images.dtype == np.float32:
+            if (
+                not np.isfinite(images).all()
+                or images.min(initial=0.0) < 0.0
+                or images.max(initial=0.0) > 1.0
+            ):
+                raise InvalidInputError("FP32 inputs must be finite and within [0, 1]", code="invalid_range")
+            return torch.from_numpy(np.array(images, copy=True)).to(self.device)
+        raise InvalidInputError(
+            f"datatype {images.dtype} not accepted; send UINT8 or FP32", code="invalid_dtype"
+        )
+
+    @torch.inference_mode()
+    def compute(self, x: torch.Tensor, outputs: list[str], top_k: int) -> dict[str, np.ndarray]:
+        """Run the model once and derive every requested output tensor from that one pass."""
+        if self.card.kind == "encoder":
+            return {"embedding": self.model.features(x).float().cpu().numpy()}
+        logits = self.model(x).float()
+        result: dict[str, np.ndarray] = {}
+        probabilities = torch.softmax(logits, dim=1)
+        for name in outputs:
+            if name == "logits":
+                result[name] = logits.cpu().numpy()
+            elif name == "probabilities":
+                result[name] = probabilities.cpu().numpy()
+            elif name == "label":
+                result[name] = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
+            elif name in ("top_k_indices", "top_k_probabilities"):
+                values, indices = probabilities.topk(min(top_k, self.card.num_classes), dim=1)
+                result["top_k_indices"] = indices.cpu().numpy().astype(np.int64)
+                result["top_k_probabilities"] = values.cpu().numpy()
+        return {name: result[name] for name in outputs}
+
+
+class ModelRegistry:
+    """Name -> :class:`ServedModel` for every checkpoint folder directly under the store."""
+
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self.models = models
+
+    @classmethod
+    def load(cls, store: Path, device: str | torch.device = "cpu") -> ModelRegistry:
+        store = Path(store)
+        if not store.is_dir():
+            raise ModelStoreError(f"model store {store} is not a folder (set STEALRANGE_MODEL_STORE)")
+        device = torch.device(device)
+        models: dict[str, ServedModel] = {}
+        for folder in sorted(p for p in store.iterdir() if (p / CARD_FILE).is_file()):
+            try:
+                model, card = load_checkpoint(folder, device)
+            except Exception as exc:
+                raise ModelStoreError(f"cannot serve {folder}: {exc}") from exc
+            if card.name in models:
+                raise ModelStoreError(f"two checkpoints are named {card.name!r} in {store}")
+            names = ["embedding"] if card.kind == "encoder" else [n for n in OUTPUT_MODES if n != "embedding"]
+            models[card.name] = ServedModel(card=card, model=model, device=device, output_names=names)
+        return cls(models)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFoundError(f"model {name!r} not found", code="model_not_found") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.models)

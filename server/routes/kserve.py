@@ -1,0 +1,240 @@
+"""KServe v2 / Open Inference Protocol endpoints, with Triton's binary tensor extension."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from common.wire import (
+    BINARY_CONTENT_TYPE,
+    DATATYPES,
+    HEADER_LENGTH,
+    WireError,
+    datatype_of,
+    pack_binary,
+    split_binary,
+    take_binary,
+    tensor_from_json,
+)
+from server import __version__
+from server.deps import AccountingDep, ApiKeyDep, RegistryDep, RequestIdDep, SettingsDep
+from server.errors import ERROR_RESPONSES, InvalidInputError, InvalidRequestError, ServiceUnavailableError
+from server.schemas import Health, InferRequest, InferResponse, ModelMetadata, ServerMetadata, TensorMetadata
+from server.service import charged_inference, check_batch, check_outputs
+
+router = APIRouter(tags=["KServe v2"])
+
+_INFER_BODY = InferRequest.model_json_schema()
+_INFER_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "A KServe v2 inference request as JSON, or Triton's binary tensor extension: the JSON header "
+            f"followed by raw little-endian tensor bytes, with its length in the `{HEADER_LENGTH}` header. "
+            "Inputs: one tensor [n, C, H, W] of UINT8 (0..255) or FP32 (within [0, 1]). Outputs: logits, "
+            "probabilities, label, top_k_indices + top_k_probabilities (k from parameters.top_k, default 5) "
+            "for classifiers; embedding for encoders; request `parameters.binary_data: true` on an output "
+            "(or `binary_data_output: true` on the request) for raw bytes back. Each image is one query."
+        ),
+        "content": {
+            "application/json": {"schema": _INFER_BODY},
+            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="stealrange", version=__version__, extensions=["binary_tensor_data", "usage"])
+
+
+@router.get("/v2/health/live", response_model=Health, summary="Liveness")
+async def live() -> Health:
+    return Health(live=True)
+
+
+@router.get(
+    "/v2/health/ready",
+    response_model=Health,
+    summary="Readiness: models loaded and Redis answers",
+    responses={503: {"description": "not ready"}},
+)
+async def ready(request: Request, registry: RegistryDep) -> Health:
+    try:
+        redis_ok = bool(await request.app.state.redis.ping())
+    except Exception:
+        redis_ok = False
+    detail = {"models": registry.names(), "redis": redis_ok}
+    if not (redis_ok and registry.models):
+        raise ServiceUnavailableError(f"not ready: {json.dumps(detail)}", code="not_ready")
+    return Health(live=True, ready=True, detail=detail)
+
+
+@router.get(
+    "/v2/models/{name}",
+    response_model=ModelMetadata,
+    summary="Model metadata (input shape, dtype, normalisation, classes, output modes)",
+    responses={k: ERROR_RESPONSES[k] for k in (401, 404)},
+)
+async def model_metadata(
+    name: str, key: ApiKeyDep, registry: RegistryDep, settings: SettingsDep
+) -> ModelMetadata:
+    served = registry.get(name)
+    card = served.card
+    c, h, w = card.input.shape
+    outputs = []
+    for out in served.output_names:
+        if out == "label":
+            outputs.append(TensorMetadata(name=out, datatype="INT64", shape=[-1]))
+        elif out == "top_k_indices":
+            outputs.append(TensorMetadata(name=out, datatype="INT64", shape=[-1, -1]))
+        else:
+            width = (
+                card.feature_dim
+                if out == "embedding"
+                else (-1 if out == "top_k_probabilities" else card.num_classes)
+            )
+            outputs.append(TensorMetadata(name=out, datatype="FP32", shape=[-1, width]))
+    return ModelMetadata(
+        name=card.name,
+        versions=[card.sha256[:12]],
+        kind=card.kind,
+        inputs=[TensorMetadata(name="images", datatype="UINT8", shape=[-1, c, h, w])],
+        outputs=outputs,
+        normalisation={"mean": card.mean, "std": card.std},
+        classes=card.classes,
+        embedding_dim=card.feature_dim if card.kind == "encoder" else None,
+        output_modes={tier: list(card.modes_for_tier(tier)) for tier in card.tiers},
+        allowed_outputs=served.outputs_for_tier(key.tier),
+        default_outputs=served.default_outputs(key.tier),
+        max_batch=settings.max_batch,
+        dataset=card.dataset,
+        metrics=card.metrics,
+    )
+
+
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=Health,
+    summary="Model readiness",
+    responses={404: ERROR_RESPONSES[404]},
+)
+async def model_ready(name: str, registry: RegistryDep) -> Health:
+    registry.get(name)
+    return Health(live=True, ready=True)
+
+
+def _parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, list[np.ndarray | None]]:
+    try:
+        if header_length is not None:
+            if not header_length.isdigit():
+                raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer", code="invalid_header")
+            header, blob = split_binary(body, int(header_length))
+        else:
+            header, blob = json.loads(body), memoryview(b"")
+        request = InferRequest.model_validate(header)
+        request_inputs = [i.model_dump() for i in request.inputs]
+        binary = take_binary(request_inputs, blob)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the body is not valid JSON", code="invalid_json") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidInputError(f"{where}: {err['msg']}", code="invalid_request_body") from None
+    except WireError as exc:
+        raise InvalidInputError(str(exc), code="invalid_tensor") from None
+    return request, binary
+
+
+@router.post(
+    "/v2/models/{name}/infer",
+    response_model=InferResponse,
+    summary="Inference: classifier outputs or encoder embeddings; 1 image = 1 query",
+    openapi_extra=_INFER_OPENAPI,
+    responses={**ERROR_RESPONSES, 200: {"content": {BINARY_CONTENT_TYPE: {}}}},
+)
+async def infer(
+    name: str,
+    request: Request,
+    key: ApiKeyDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accounting: AccountingDep,
+    request_id: RequestIdDep,
+) -> Response:
+    served = registry.get(name)
+    check_outputs(served, key, [])  # model permission before reading the body
+    infer_request, binary = _parse_body(await request.body(), request.headers.get(HEADER_LENGTH.lower()))
+    tensor = infer_request.inputs[0]
+    if len(tensor.shape) != 4:
+        raise InvalidInputError(
+            f"input shape {tensor.shape} must be [n, {', '.join(map(str, served.card.input.shape))}]",
+            code="invalid_shape",
+        )
+    check_batch(tensor.shape[0], settings.max_batch)
+    if tensor.datatype not in ("UINT8", "FP32"):
+        allowed = [d for d in DATATYPES if d in ("UINT8", "FP32")]
+        raise InvalidInputError(
+            f"datatype {tensor.datatype} not accepted; send {' or '.join(allowed)}", code="invalid_dtype"
+        )
+    if tuple(tensor.shape[1:]) != served.card.input.shape:
+        served.to_model_input(np.zeros([0, *tensor.shape[1:]], dtype=np.uint8))  # raises the shape error
+    requested = [o.name for o in infer_request.outputs] if infer_request.outputs else None
+    outputs = check_outputs(served, key, requested)
+    top_k = infer_request.parameters.get("top_k", 5)
+    if (
+        not isinstance(top_k, int)
+        or isinstance(top_k, bool)
+        or not 1 <= top_k <= max(1, served.card.num_classes)
+    ):
+        raise InvalidInputError(
+            f"parameters.top_k must be an integer in [1, {served.card.num_classes}]", code="invalid_top_k"
+        )
+    try:
+        images = (
+            binary[0]
+            if binary[0] is not None
+            else tensor_from_json(tensor.data, tensor.datatype, tensor.shape)
+        )
+    except WireError as exc:
+        raise InvalidInputError(str(exc), code="invalid_tensor") from None
+    values, headers = await charged_inference(
+        served=served,
+        key=key,
+        images=images,
+        outputs=outputs,
+        top_k=top_k,
+        accounting=accounting,
+        limiter=request.app.state.inference_limiter,
+        request_id=request_id,
+    )
+    all_binary = bool(infer_request.parameters.get("binary_data_output", False))
+    wants_binary = {
+        o.name: bool(o.parameters.get("binary_data", all_binary)) for o in infer_request.outputs or []
+    }
+    entries: list[dict[str, Any]] = []
+    blobs: list[np.ndarray] = []
+    for out_name, array in values.items():
+        entry: dict[str, Any] = {"name": out_name, "shape": list(array.shape), "datatype": datatype_of(array)}
+        if wants_binary.get(out_name, all_binary):
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            blobs.append(array)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    header = {
+        "model_name": served.name,
+        "model_version": served.card.sha256[:12],
+        "id": infer_request.id or request_id,
+        "outputs": entries,
+    }
+    if blobs:
+        body, length = pack_binary(header, blobs)
+        headers[HEADER_LENGTH] = str(length)
+        return Response(body, media_type=BINARY_CONTENT_TYPE, headers=headers)
+    return Response(json.dumps(header, separators=(",", ":")), media_type="application/json", headers=headers)

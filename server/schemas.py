@@ -1,0 +1,161 @@
+"""Request and response bodies of the API (KServe v2, OpenAI-style embeddings, usage, admin)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.keys import KeyRecord
+
+Number = int | float
+
+
+class TensorInput(BaseModel):
+    """One KServe v2 input tensor: inline ``data`` (JSON) or ``parameters.binary_data_size`` (binary)."""
+
+    name: str = Field(max_length=64)
+    shape: list[int] = Field(max_length=8)
+    datatype: str = Field(max_length=16, description="UINT8 (0..255) or FP32 (within [0, 1])")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class TensorOutputRequest(BaseModel):
+    name: str = Field(max_length=64)
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description='{"binary_data": true} for raw bytes'
+    )
+
+
+class InferRequest(BaseModel):
+    """KServe v2 inference request. ``parameters.top_k`` (default 5) sets k of the top-k outputs."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = Field(None, max_length=128)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorInput] = Field(min_length=1, max_length=1)
+    outputs: list[TensorOutputRequest] | None = Field(None, max_length=8)
+
+
+class TensorOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Number] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[TensorOutput]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """KServe v2 model metadata plus what an API user needs to query the model correctly."""
+
+    name: str
+    versions: list[str]
+    platform: str = "pytorch"
+    kind: Literal["classifier", "encoder"]
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    input_datatypes: list[str] = ["UINT8", "FP32"]
+    normalisation: dict[str, list[float]]
+    classes: list[str]
+    embedding_dim: int | None
+    output_modes: dict[str, list[str]] = Field(description="tier -> output modes it may request")
+    allowed_outputs: list[str] = Field(description="output tensors the calling key may request")
+    default_outputs: list[str]
+    max_batch: int
+    dataset: str
+    metrics: dict[str, float]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI-style embeddings request; each input is one image (1 query = 1 image)."""
+
+    model: str = Field(max_length=64)
+    input: str | list[str] = Field(
+        description="base64 images (PNG/JPEG, data URLs accepted) or, with input_type=tensor, base64 raw "
+        "uint8 CHW bytes of the model's input shape"
+    )
+    input_type: Literal["image", "tensor"] = "image"
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64 = little-endian float32")
+    user: str | None = Field(None, max_length=128)
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    images: int
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "stealrange"
+    kind: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class RatePolicy(BaseModel):
+    images_per_second: float = Field(description="0 = no rate limit")
+    burst: int
+
+
+class Usage(BaseModel):
+    """A key's lifetime budget and rate policy, read live from Redis."""
+
+    key_id: str
+    name: str
+    tier: str
+    models: list[str]
+    budget: int = Field(description="-1 = unlimited")
+    used: int
+    remaining: int = Field(description="-1 = unlimited")
+    rate: RatePolicy
+    revoked: bool
+
+
+class KeyList(BaseModel):
+    keys: list[KeyRecord]
+
+
+class Health(BaseModel):
+    live: bool = True
+    ready: bool | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,49 @@
+"""Server settings: one pydantic-settings class, every field overridable by a ``STEALRANGE_`` env var."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything the victim API reads from its environment (prefix ``STEALRANGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="STEALRANGE_", env_file=None, extra="ignore")
+
+    model_store: Path = Field(Path("model_store"), description="folder of checkpoint folders to serve")
+    redis_url: str | None = Field(
+        None, description="redis:// URL; unset = embedded in-process Redis (fakeredis, one worker only)"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin endpoints; unset = disabled"
+    )
+    key_pepper: SecretStr = Field(SecretStr(""), description="server secret mixed into stored API-key hashes")
+    server_secret: SecretStr = Field(
+        SecretStr("stealrange-dev-secret"), description="seeds deterministic per-(key, input) defense noise"
+    )
+    redis_prefix: str = Field(
+        "sr", pattern=r"^[a-zA-Z0-9_.-]{1,32}$", description="prefix of every Redis key"
+    )
+
+    max_batch: int = Field(256, ge=1, le=65536, description="most images in one request")
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="largest request body, counted on the stream")
+    max_image_bytes: int = Field(1 << 20, ge=64, description="largest encoded image in /v1/embeddings")
+    max_image_pixels: int = Field(1 << 22, ge=1, description="largest decoded image (width x height)")
+    image_formats: list[str] = Field(["PNG", "JPEG"], description="encoded image formats accepted")
+    audit_maxlen: int = Field(
+        100_000, ge=100, description="approximate length bound of each key's audit stream"
+    )
+
+    default_budget: int = Field(10_000, ge=-1, description="lifetime images of a new key; -1 = unlimited")
+    default_rate: float = Field(0.0, ge=0, description="images/s of a new key; 0 = no rate limit")
+    default_burst: int = Field(1024, ge=1, description="images a new key may send at once")
+
+    inference_threads: int = Field(1, ge=1, le=64, description="forward passes run at once per worker")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; unset = torch's default"
+    )
+    device: str = Field("cpu", description="device of the served models: cpu, cuda, cuda:i")
+    expose_defense: bool = Field(False, description="name the applied defenses in responses")
