@@ -14,7 +14,7 @@ import anyio
 import fakeredis
 import torch
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from server import __version__
 from server.accounting import Accounting
@@ -41,7 +41,11 @@ error has the body `{"error": {"type", "code", "message"}}`.
 def make_redis(settings: ServerSettings) -> Redis:
     """A real Redis client for ``redis_url``, else an embedded in-process one (fakeredis + Lua)."""
     if settings.redis_url:
-        return Redis.from_url(settings.redis_url)
+        # A blocking pool makes a burst of requests wait for a free connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout
+        )
+        return Redis(connection_pool=pool)
     return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
 
 

@@ -24,6 +24,10 @@ class ServerSettings(BaseSettings):
     server_secret: SecretStr = Field(
         SecretStr("stealrange-dev-secret"), description="seeds deterministic per-(key, input) defense noise"
     )
+    redis_max_connections: int = Field(64, ge=1, description="Redis connections per worker")
+    redis_timeout: float = Field(
+        10.0, gt=0, description="seconds a request waits for a free Redis connection"
+    )
     redis_prefix: str = Field(
         "sr", pattern=r"^[a-zA-Z0-9_.-]{1,32}$", description="prefix of every Redis key"
     )

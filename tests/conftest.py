@@ -1,0 +1,203 @@
+"""Test harness: a real redis-server on a free loopback port, a tiny model store, both backends.
+
+- ``redis_url``: a redis-server the harness starts itself (session-wide), on a free port.
+- ``backend``: parametrises a test over the embedded fakeredis and that real Redis.
+- ``model_store``: two untrained small CNNs (a classifier ``clf`` and an encoder ``enc``) on 1x28x28.
+- ``make_client``: a TestClient for ``create_app(settings)`` on the chosen backend, isolated by a
+  fresh Redis key prefix per test.
+- ``live_server``: uvicorn in a subprocess (N workers) against the real Redis, for tests where the
+  network and several processes matter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+
+from common.checkpoints import InputSpec, card_for, save_checkpoint
+from common.models import build_model
+from server.app import create_app
+from server.settings import ServerSettings
+
+ADMIN_TOKEN = "test-admin-token"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server started by the harness on a free loopback port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (scripts/install.sh installs it)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two untrained 1x28x28 small CNNs: classifier ``clf`` (10 classes) and encoder ``enc``."""
+    store = tmp_path_factory.mktemp("model_store")
+    spec = InputSpec(channels=1, height=28, width=28)
+    torch.manual_seed(0)
+    clf = build_model("classifier", "small_cnn", 1, [0.5], [0.5])
+    save_checkpoint(
+        clf, card_for(clf, "clf", "small_cnn", input=spec, classes=[str(i) for i in range(10)]), store / "clf"
+    )
+    enc = build_model("encoder", "small_cnn", 1, [0.5], [0.5], feature_dim=64)
+    save_checkpoint(enc, card_for(enc, "enc", "small_cnn", input=spec), store / "enc")
+    return store
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def backend(request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL of the backend under test: None = embedded fakeredis, else the real server."""
+    if request.param == "fakeredis":
+        return None
+    return request.getfixturevalue("redis_url")
+
+
+def make_settings(model_store: Path, redis_url: str | None, **overrides: Any) -> ServerSettings:
+    return ServerSettings(
+        model_store=model_store,
+        redis_url=redis_url,
+        admin_token=ADMIN_TOKEN,
+        redis_prefix=f"t{uuid.uuid4().hex[:10]}",
+        **overrides,
+    )
+
+
+@pytest.fixture
+def make_client(model_store: Path, backend: str | None) -> Iterator[Callable[..., TestClient]]:
+    """Factory of TestClients on the parametrised backend; settings overridable per call."""
+    clients: list[TestClient] = []
+
+    def factory(**overrides: Any) -> TestClient:
+        client = TestClient(create_app(make_settings(model_store, backend, **overrides)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def create_key(client: TestClient | httpx.Client, **spec: Any) -> tuple[str, dict[str, str]]:
+    """Create a key through the admin API; returns (key_id, auth headers)."""
+    response = client.post("/admin/keys", json=spec, headers=admin_headers())
+    assert response.status_code == 201, response.text
+    api_key = response.json()["api_key"]
+    return response.json()["record"]["key_id"], {"Authorization": f"Bearer {api_key}"}
+
+
+@contextmanager
+def run_live_server(model_store: Path, redis_url: str | None, workers: int = 1, **env: str) -> Iterator[str]:
+    """uvicorn in a subprocess serving ``create_app`` (factory) on a free port; yields its URL."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "STEALRANGE_MODEL_STORE": str(model_store),
+        "STEALRANGE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "STEALRANGE_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}",
+        "STEALRANGE_TORCH_THREADS": "1",
+        **env,
+    }
+    if redis_url:
+        environment["STEALRANGE_REDIS_URL"] = redis_url
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "server.app:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"uvicorn did not become ready (exit code {proc.poll()})")
+            time.sleep(0.1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
