@@ -167,6 +167,21 @@ class ImageModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def features_module(self) -> nn.Module:
+        """A module whose forward is :meth:`features` (for feature extraction helpers)."""
+        return FeaturesOf(self)
+
+
+class FeaturesOf(nn.Module):
+    """Wraps an :class:`ImageModel` so that calling it returns its representation."""
+
+    def __init__(self, model: ImageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
 
 class Classifier(ImageModel):
     """Backbone + linear head to ``num_classes`` logits."""

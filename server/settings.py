@@ -50,4 +50,7 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="torch intra-op threads; unset = torch's default"
     )
     device: str = Field("cpu", description="device of the served models: cpu, cuda, cuda:i")
+    accounting_enabled: bool = Field(
+        True, description="benchmarking only: False serves authenticated requests without charging them"
+    )
     expose_defense: bool = Field(False, description="name the applied defenses in responses")

@@ -11,11 +11,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,17 +28,11 @@ from fastapi.testclient import TestClient
 
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
+from experiments.victim_process import free_port, victim_process
 from server.app import create_app
 from server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -153,51 +144,12 @@ def create_key(client: TestClient | httpx.Client, **spec: Any) -> tuple[str, dic
 
 @contextmanager
 def run_live_server(model_store: Path, redis_url: str | None, workers: int = 1, **env: str) -> Iterator[str]:
-    """uvicorn in a subprocess serving ``create_app`` (factory) on a free port; yields its URL."""
-    port = free_port()
+    """uvicorn in its own process group serving ``create_app`` on a free port; yields its URL."""
     environment = {
-        **os.environ,
-        "STEALRANGE_MODEL_STORE": str(model_store),
         "STEALRANGE_ADMIN_TOKEN": ADMIN_TOKEN,
         "STEALRANGE_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}",
         "STEALRANGE_TORCH_THREADS": "1",
         **env,
     }
-    if redis_url:
-        environment["STEALRANGE_REDIS_URL"] = redis_url
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "server.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not become ready (exit code {proc.poll()})")
-            time.sleep(0.1)
+    with victim_process(model_store, redis_url, workers=workers, env=environment) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()

@@ -212,6 +212,7 @@ async def infer(
         accounting=accounting,
         limiter=request.app.state.inference_limiter,
         request_id=request_id,
+        charge=settings.accounting_enabled,
     )
     all_binary = bool(infer_request.parameters.get("binary_data_output", False))
     wants_binary = {

@@ -91,6 +91,7 @@ async def embeddings(
         accounting=accounting,
         limiter=request.app.state.inference_limiter,
         request_id=request_id,
+        charge=settings.accounting_enabled,
     )
     response.headers.update(headers)
     vectors = values["embedding"].astype("<f4")

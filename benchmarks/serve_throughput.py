@@ -1,0 +1,181 @@
+"""Serving throughput and accounting overhead, measured side by side in one run.
+
+On the same model and the same torch threads:
+
+1. raw in-process forward (uint8 -> [0, 1] -> logits) at batch 256, images/s;
+2. the API over HTTP, Triton binary uint8 at batch 256, accounting on, images/s;
+3. the same through JSON;
+4. accounting on vs off: p50 latency of 1-image requests (binary), and the difference.
+
+The API runs as its own uvicorn process on a free loopback port (embedded Redis, or ``--redis-url``).
+Targets (issue): API binary / raw forward >= 0.85; accounting adds <= 1 ms p50 per request.
+
+    .venv/bin/python benchmarks/serve_throughput.py [--store model_store] [--redis-url redis://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint  # noqa: E402
+from common.models import build_model  # noqa: E402
+from common.wire import HEADER_LENGTH, pack_binary  # noqa: E402
+from experiments.victim_process import victim_process  # noqa: E402
+
+MODEL = "fmnist-classifier"
+
+
+def ensure_store(store: Path | None) -> Path:
+    if store is not None and (store / MODEL / "card.json").is_file():
+        return store
+    print(f"(no trained {MODEL} in the store: benchmarking an untrained one of the same architecture)")
+    tmp = Path(tempfile.mkdtemp())
+    model = build_model("classifier", "small_cnn", 1, [0.5], [0.5])
+    card = card_for(
+        model,
+        MODEL,
+        "small_cnn",
+        input=InputSpec(channels=1, height=28, width=28),
+        classes=[str(i) for i in range(10)],
+    )
+    save_checkpoint(model, card, tmp / MODEL)
+    return tmp
+
+
+def raw_forward(store: Path, images: np.ndarray, repeats: int) -> float:
+    model, _ = load_checkpoint(store / MODEL)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(torch.from_numpy(images).float().div_(255))
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(torch.from_numpy(np.array(images)).float().div_(255))
+        return repeats * len(images) / (time.perf_counter() - started)
+
+
+def binary_request(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(images.shape),
+                "datatype": "UINT8",
+                "parameters": {"binary_data_size": images.nbytes},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    body, length = pack_binary(header, [images])
+    return body, {HEADER_LENGTH: str(length), "content-type": "application/octet-stream"}
+
+
+def json_request(images: np.ndarray) -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(images.shape),
+                "datatype": "UINT8",
+                "data": images.reshape(-1).tolist(),
+            }
+        ],
+        "outputs": [{"name": "probabilities"}],
+    }
+
+
+def api_throughput(url: str, auth: dict[str, str], images: np.ndarray, repeats: int, binary: bool) -> float:
+    with httpx.Client(base_url=url, headers=auth, timeout=120) as client:
+        path = f"/v2/models/{MODEL}/infer"
+
+        def send() -> None:
+            if binary:
+                body, headers = binary_request(images)
+                response = client.post(path, content=body, headers=headers)
+            else:
+                response = client.post(path, json=json_request(images))
+            response.raise_for_status()
+
+        for _ in range(2):
+            send()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            send()
+        return repeats * len(images) / (time.perf_counter() - started)
+
+
+def p50_latency_ms(url: str, auth: dict[str, str], requests: int) -> float:
+    image = np.zeros((1, 1, 28, 28), dtype=np.uint8)
+    body, headers = binary_request(image)
+    times = []
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        for i in range(requests + 20):
+            started = time.perf_counter()
+            client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers).raise_for_status()
+            if i >= 20:
+                times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def make_key(url: str, admin_token: str) -> dict[str, str]:
+    response = httpx.post(
+        f"{url}/admin/keys", json={"budget": -1}, headers={"Authorization": f"Bearer {admin_token}"}
+    )
+    response.raise_for_status()
+    return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    store = ensure_store(args.store)
+    images = np.random.default_rng(0).integers(0, 256, (args.batch, 1, 28, 28), dtype=np.uint8)
+    token = "benchmark-admin"
+    env = {"STEALRANGE_TORCH_THREADS": str(args.threads), "STEALRANGE_ADMIN_TOKEN": token}
+    raw = raw_forward(store, images, args.repeats)
+    with victim_process(store, args.redis_url, env=env) as url:
+        auth = make_key(url, token)
+        binary = api_throughput(url, auth, images, args.repeats, binary=True)
+        as_json = api_throughput(url, auth, images, max(3, args.repeats // 4), binary=False)
+        on_ms = p50_latency_ms(url, auth, args.latency_requests)
+    with victim_process(store, args.redis_url, env={**env, "STEALRANGE_ACCOUNTING_ENABLED": "false"}) as url:
+        auth = make_key(url, token)
+        off_ms = p50_latency_ms(url, auth, args.latency_requests)
+
+    backend = args.redis_url or "embedded fakeredis"
+    print(f"\nserve_throughput: batch {args.batch}, {args.threads} torch threads, Redis: {backend}")
+    print(f"  raw in-process forward      {raw:9.0f} images/s")
+    print(
+        f"  API binary uint8 (charged)  {binary:9.0f} images/s   ratio to raw {binary / raw:.3f}"
+        "  (target >= 0.85)"
+    )
+    print(f"  API JSON (charged)          {as_json:9.0f} images/s   ratio to raw {as_json / raw:.3f}")
+    print(
+        f"  p50 latency, 1 image: accounting on {on_ms:.2f} ms, off {off_ms:.2f} ms, "
+        f"overhead {on_ms - off_ms:+.2f} ms  (target <= 1 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The range: victim recipes, scenario files, the runner that starts victim + attacker, the report."""

@@ -1,0 +1,24 @@
+"""The ``stealrange`` command: one typer app with sub-commands per side.
+
+- victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
+"""
+
+from __future__ import annotations
+
+import typer
+
+from server import cli as server_cli
+
+app = typer.Typer(
+    name="stealrange",
+    help="A model-stealing range: victim API, attacks over the network, and the range runner.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.command("up")(server_cli.up)
+app.command("serve")(server_cli.serve)
+app.command("train-victim")(server_cli.train_victim_command)
+app.add_typer(server_cli.keys_app, name="keys")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,98 @@
+"""Start the victim API as its own process on a free loopback port, and stop it without orphans.
+
+uvicorn runs in a new session (process group), so stopping it reaches its worker processes too:
+SIGTERM to the group, then SIGKILL after a grace period. Used by the range runner, the benchmarks
+and the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class VictimStartError(RuntimeError):
+    """The victim process exited or did not become ready in time."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the process group, wait up to ``grace`` s, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def victim_process(
+    model_store: Path,
+    redis_url: str | None = None,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = 120.0,
+    log_level: str = "warning",
+) -> Iterator[str]:
+    """Serve ``create_app`` with uvicorn on a free port; yields the base URL once ready."""
+    port = free_port()
+    environment = {**os.environ, "STEALRANGE_MODEL_STORE": str(model_store), **(env or {})}
+    if redis_url:
+        environment["STEALRANGE_REDIS_URL"] = redis_url
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "server.app:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        log_level,
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise VictimStartError(
+                    f"the victim API exited with code {proc.returncode} before it was ready"
+                )
+            if time.monotonic() > deadline:
+                raise VictimStartError(f"the victim API was not ready within {ready_timeout:.0f} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop_process_group(proc)

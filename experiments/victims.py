@@ -1,0 +1,177 @@
+"""Victim recipes and ``train-victim``: the quick profile (Fashion-MNIST, small CNN, 2-core CPU)
+and the paper-scale profile (CIFAR-10, ResNet-18, GPU).
+
+A trained victim is a checkpoint folder in the model store. Training is skipped when the folder
+already holds a card made by the same recipe, so the range reuses its victims.
+
+- classifier: supervised cross-entropy; the card records test accuracy on the held-out split.
+- encoder: SimCLR (Chen et al., ICML 2020; NT-Xent, temperature 0.5); the card records the
+  linear-probe and kNN (k = 200, temperature 0.5) accuracy of its frozen features.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.checkpoints import CARD_FILE, InputSpec, ModelCard, card_for, read_card, save_checkpoint
+from common.datasets import ImageData, make_splits
+from common.devices import resolve_device
+from common.metrics import accuracy, extract_features, knn_accuracy, linear_probe
+from common.models import ModelKind, build_model
+from common.training import TrainConfig, predict, train_classifier, train_simclr
+from common.views import ViewConfig, ViewGenerator
+
+Profile = Literal["quick", "paper"]
+
+
+class VictimRecipe(BaseModel):
+    """Everything that determines a victim; its JSON is stored in the card to detect reuse."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: ModelKind
+    dataset: str = "fashion_mnist"
+    architecture: str = "small_cnn"
+    feature_dim: int | None = None
+    train_size: int | None = Field(None, ge=16, description="cap on victim-private training images")
+    probe_size: int = Field(10_000, ge=16, description="training images of the encoder's probes")
+    victim_fraction: float = Field(0.5, gt=0, lt=1)
+    train: TrainConfig = TrainConfig()
+    simclr_temperature: float = 0.5
+
+
+def quick_recipes() -> dict[ModelKind, VictimRecipe]:
+    """Fashion-MNIST, small CNN: a few minutes on 2 CPU cores."""
+    return {
+        "classifier": VictimRecipe(
+            name="fmnist-classifier",
+            kind="classifier",
+            train_size=20_000,
+            train=TrainConfig(epochs=3, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4),
+        ),
+        "encoder": VictimRecipe(
+            name="fmnist-encoder",
+            kind="encoder",
+            train_size=12_000,
+            train=TrainConfig(epochs=4, batch_size=256, optimizer="adam", lr=2e-3, weight_decay=1e-6),
+        ),
+    }
+
+
+def paper_recipes() -> dict[ModelKind, VictimRecipe]:
+    """CIFAR-10, ResNet-18, as in the RDA / AST / SEP papers (a GPU machine)."""
+    return {
+        "classifier": VictimRecipe(
+            name="cifar10-classifier",
+            kind="classifier",
+            dataset="cifar10",
+            architecture="resnet18",
+            victim_fraction=0.8,
+            train=TrainConfig(epochs=160, batch_size=128, lr=0.1, schedule="multistep", milestones=[80, 120]),
+        ),
+        "encoder": VictimRecipe(
+            name="cifar10-encoder",
+            kind="encoder",
+            dataset="cifar10",
+            architecture="resnet18",
+            victim_fraction=0.8,
+            train=TrainConfig(epochs=500, batch_size=512, lr=0.06 * 512 / 256, weight_decay=5e-4),
+        ),
+    }
+
+
+def recipe_for(kind: ModelKind, profile: Profile = "quick") -> VictimRecipe:
+    return (quick_recipes() if profile == "quick" else paper_recipes())[kind]
+
+
+def _first(data: ImageData, n: int | None) -> ImageData:
+    return data if n is None or n >= len(data) else data.subset(torch.arange(n))
+
+
+def is_trained(recipe: VictimRecipe, store: Path) -> bool:
+    """True when the store holds a checkpoint made by exactly this recipe."""
+    folder = Path(store) / recipe.name
+    if not (folder / CARD_FILE).is_file():
+        return False
+    try:
+        return read_card(folder).training.get("recipe") == recipe.model_dump(mode="json")
+    except ValueError:
+        return False
+
+
+def train_victim(
+    recipe: VictimRecipe,
+    store: str | Path,
+    data_root: str | Path | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+) -> ModelCard:
+    """Train (or reuse) the victim of ``recipe`` and save it in ``store``; returns its card."""
+    store = Path(store)
+    if not force and is_trained(recipe, store):
+        return read_card(store / recipe.name)
+    device = resolve_device(recipe.train.device)
+    splits = make_splits(
+        recipe.dataset, root=data_root, seed=recipe.train.seed, victim_fraction=recipe.victim_fraction
+    )
+    train = _first(splits.victim_train, recipe.train_size)
+    channels = train.channels
+    # Normalisation statistics of the victim's own training data.
+    pixels = train.to_float() if len(train) <= 20_000 else _first(train, 20_000).to_float()
+    mean = pixels.mean(dim=(0, 2, 3)).tolist()
+    std = pixels.std(dim=(0, 2, 3)).tolist()
+    model = build_model(
+        recipe.kind,
+        recipe.architecture,
+        channels,
+        mean,
+        std,
+        num_classes=len(train.classes),
+        feature_dim=recipe.feature_dim,
+    )
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    if recipe.kind == "classifier":
+        history = train_classifier(model, train, recipe.train, progress=progress)
+        logits = predict(model, splits.eval.images, device=device)
+        metrics["test_accuracy"] = accuracy(logits, splits.eval.labels)
+    else:
+        views = ViewGenerator(ViewConfig.simclr())
+        history = train_simclr(
+            model, train, recipe.train, views, recipe.simclr_temperature, progress=progress
+        )
+        probe_train = _first(splits.victim_train, recipe.probe_size)
+        train_features = extract_features(model.features_module(), probe_train.images, device=device)
+        test_features = extract_features(model.features_module(), splits.eval.images, device=device)
+        classes = len(train.classes)
+        metrics["linear_probe_accuracy"] = linear_probe(
+            train_features, probe_train.labels, test_features, splits.eval.labels, classes
+        )
+        metrics["knn_accuracy"] = knn_accuracy(
+            train_features, probe_train.labels, test_features, splits.eval.labels, classes
+        )
+    seconds = time.perf_counter() - started
+    card = card_for(
+        model.cpu(),
+        recipe.name,
+        recipe.architecture,
+        input=InputSpec(channels=channels, height=train.height, width=train.width),
+        classes=list(train.classes),
+        dataset=recipe.dataset,
+        description=f"{recipe.kind} victim trained on {len(train)} private {recipe.dataset} images",
+        metrics=metrics,
+        training={
+            "recipe": recipe.model_dump(mode="json"),
+            "seconds": round(seconds, 1),
+            "final_loss": history[-1]["loss"] if history else None,
+            "device": str(device),
+            "torch": torch.__version__,
+        },
+    )
+    return save_checkpoint(model, card, store / recipe.name)
