@@ -14,7 +14,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """Turn ``auto | cpu | cuda | cuda:i`` into a device; asking for absent CUDA is an error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:i") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):

@@ -33,6 +33,9 @@ from server.app import create_app
 from server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token"
+# One intra-op thread: on 2 shared cores, torch's thread pool contending with other work makes tiny
+# tests erratic; one thread keeps them fast and deterministic.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,7 @@ def test_invalid_json_card_names_the_file(tmp_path: Path):
     model = _tiny("classifier")
     save_checkpoint(model, _card(model), tmp_path)
     (tmp_path / CARD_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="card.json") as info:
+    with pytest.raises(ValueError, match=r"card\.json") as info:
         load_checkpoint(tmp_path)
     assert str(tmp_path / CARD_FILE) in str(info.value)
 

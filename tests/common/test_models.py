@@ -62,7 +62,7 @@ def test_double_registration_is_an_error():
     before = dict(models._BACKBONES)
     with pytest.raises(ValueError, match="small_cnn"):
         register_backbone("small_cnn")(SmallCNN)
-    assert models._BACKBONES == before
+    assert before == models._BACKBONES
 
 
 def test_unknown_backbone_lists_known_names():
