@@ -30,6 +30,9 @@ DATATYPES: dict[str, np.dtype] = {
 _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
 
 
+_JSON_KIND = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
 class WireError(ValueError):
     """A tensor or body that does not follow the protocol."""
 
@@ -72,16 +75,21 @@ def tensor_from_json(data: Any, datatype: str, shape: list[int]) -> np.ndarray:
     if datatype not in DATATYPES:
         raise WireError(f"unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
     count = element_count(shape)
+    dtype = DATATYPES[datatype]
     try:
-        flat = np.asarray(data, dtype=np.float64 if DATATYPES[datatype].kind == "f" else np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
+        flat = np.asarray(data).reshape(-1)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise WireError(f"data is not a list of numbers: {exc}") from None
+    # Strict JSON types: integers for integer tensors, numbers for float tensors, booleans for BOOL;
+    # no strings, no silent truncation of 1.5 to 1.
+    accepted = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if flat.size and flat.dtype.kind not in accepted:
+        raise WireError(f"data of a {datatype} tensor must be JSON {_JSON_KIND[dtype.kind]}")
     if flat.size != count:
         raise WireError(f"shape {shape} needs {count} values, got {flat.size}")
-    dtype = DATATYPES[datatype]
-    if dtype.kind in "iu":
+    if dtype.kind in "iu" and flat.size:
         info = np.iinfo(dtype)
-        if flat.size and (flat.min() < info.min or flat.max() > info.max):
+        if flat.min() < info.min or flat.max() > info.max:
             raise WireError(f"values out of range for {datatype} [{info.min}, {info.max}]")
     return flat.astype(dtype).reshape(shape)
 

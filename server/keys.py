@@ -15,7 +15,7 @@ import re
 import secrets
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.asyncio import Redis
 
 from server.accounting import Accounting
@@ -31,13 +31,23 @@ class KeySpec(BaseModel):
 
     name: str = Field("", max_length=128, description="a label for people")
     budget: int = Field(10_000, ge=-1, description="lifetime images; -1 = unlimited")
-    rate: float = Field(0.0, ge=0, le=1e6, description="sustained images per second; 0 = no rate limit")
+    rate: float = Field(
+        0.0, ge=0, le=1e6, description="sustained images per second; 0 = no rate limit, else at least 0.001"
+    )
     burst: int = Field(1024, ge=1, le=10_000_000, description="images allowed at once (GCRA tolerance)")
     tier: str = Field(
         "standard", pattern=r"^[a-z0-9_-]{1,32}$", description="output-mode tier, see model cards"
     )
     models: list[str] = Field(["*"], description="model names this key may query; '*' = all")
     defense_profile: str | None = Field(None, max_length=64, description="named defense profile for this key")
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_floor(cls, rate: float) -> float:
+        # Below one image per 1000 s the GCRA arithmetic leaves the range of exact microseconds.
+        if 0 < rate < 1e-3:
+            raise ValueError("rate must be 0 (no limit) or at least 0.001 images per second")
+        return rate
 
 
 class KeyRecord(KeySpec):

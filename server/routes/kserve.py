@@ -28,7 +28,25 @@ from server.service import charged_inference, check_batch, check_outputs
 
 router = APIRouter(tags=["KServe v2"])
 
-_INFER_BODY = InferRequest.model_json_schema()
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``#/$defs/...`` refs inlined: those refs cannot resolve once the
+    schema is embedded in the OpenAPI document (whose root has no ``$defs``)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_INFER_BODY = _inline_defs(InferRequest.model_json_schema())
 _INFER_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -85,6 +103,7 @@ async def model_metadata(
     name: str, key: ApiKeyDep, registry: RegistryDep, settings: SettingsDep
 ) -> ModelMetadata:
     served = registry.get(name)
+    check_outputs(served, key, [])  # 403 for a model this key may not query
     card = served.card
     c, h, w = card.input.shape
     outputs = []
@@ -132,7 +151,7 @@ async def model_ready(name: str, registry: RegistryDep) -> Health:
 def _parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, list[np.ndarray | None]]:
     try:
         if header_length is not None:
-            if not header_length.isdigit():
+            if not (header_length.isascii() and header_length.isdigit()):
                 raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer", code="invalid_header")
             header, blob = split_binary(body, int(header_length))
         else:
@@ -140,14 +159,14 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, l
         request = InferRequest.model_validate(header)
         request_inputs = [i.model_dump() for i in request.inputs]
         binary = take_binary(request_inputs, blob)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise InvalidRequestError("the body is not valid JSON", code="invalid_json") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise InvalidInputError(f"{where}: {err['msg']}", code="invalid_request_body") from None
-    except WireError as exc:
-        raise InvalidInputError(str(exc), code="invalid_tensor") from None
+    except (WireError, ValueError, OverflowError) as exc:  # numpy's own errors on absurd shapes too
+        raise InvalidInputError(f"invalid tensor: {exc}", code="invalid_tensor") from None
     return request, binary
 
 
@@ -183,10 +202,13 @@ async def infer(
             f"datatype {tensor.datatype} not accepted; send {' or '.join(allowed)}", code="invalid_dtype"
         )
     if tuple(tensor.shape[1:]) != served.card.input.shape:
-        served.to_model_input(np.zeros([0, *tensor.shape[1:]], dtype=np.uint8))  # raises the shape error
+        raise InvalidInputError(
+            f"input shape {tensor.shape} does not match [n, {', '.join(map(str, served.card.input.shape))}]",
+            code="invalid_shape",
+        )
     requested = [o.name for o in infer_request.outputs] if infer_request.outputs else None
     outputs = check_outputs(served, key, requested)
-    top_k = infer_request.parameters.get("top_k", 5)
+    top_k = infer_request.parameters.get("top_k", 5) if served.card.kind == "classifier" else 1
     if (
         not isinstance(top_k, int)
         or isinstance(top_k, bool)
@@ -201,8 +223,8 @@ async def infer(
             if binary[0] is not None
             else tensor_from_json(tensor.data, tensor.datatype, tensor.shape)
         )
-    except WireError as exc:
-        raise InvalidInputError(str(exc), code="invalid_tensor") from None
+    except (WireError, ValueError, OverflowError) as exc:  # e.g. a JSON number too big for the dtype
+        raise InvalidInputError(f"invalid tensor data: {exc}", code="invalid_tensor") from None
     values, headers = await charged_inference(
         served=served,
         key=key,

@@ -278,3 +278,21 @@ def test_datatype_of_native_numpy_types():
 def test_datatype_of_unsupported(dtype: Any):
     with pytest.raises(WireError, match="no KServe v2 datatype"):
         datatype_of(np.zeros(1, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("data", "datatype"),
+    [
+        ([1.5, 2], "UINT8"),
+        (["7", 1], "UINT8"),
+        ([10**30, 1], "INT64"),
+        (["a", 1.0], "FP32"),
+    ],
+)
+def test_tensor_from_json_is_strict_about_json_types(data: list, datatype: str) -> None:
+    with pytest.raises(WireError):
+        tensor_from_json(data, datatype, [2])
+
+
+def test_tensor_from_json_accepts_ints_for_floats() -> None:
+    assert tensor_from_json([1, 2.5], "FP32", [2]).tolist() == [1.0, 2.5]
