@@ -1,0 +1,59 @@
+"""Victim recipes: training writes a servable checkpoint with metrics, and the same recipe is reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.checkpoints import load_checkpoint, read_card
+from common.training import TrainConfig
+from experiments.victims import (
+    VictimRecipe,
+    is_trained,
+    paper_recipes,
+    quick_recipes,
+    recipe_for,
+    train_victim,
+)
+
+
+def tiny(kind: str) -> VictimRecipe:
+    return VictimRecipe(
+        name=f"tiny-{kind}",
+        kind=kind,  # type: ignore[arg-type]
+        dataset="synthetic",
+        train_size=64,
+        probe_size=64,
+        train=TrainConfig(epochs=1, batch_size=16, max_steps=2, device="cpu", optimizer="adam", lr=1e-3),
+    )
+
+
+@pytest.mark.parametrize("kind", ["classifier", "encoder"])
+def test_train_victim_writes_card_and_reuses_it(tmp_path: Path, kind: str) -> None:
+    recipe = tiny(kind)
+    card = train_victim(recipe, tmp_path, progress=False)
+    expected = {"classifier": {"test_accuracy"}, "encoder": {"linear_probe_accuracy", "knn_accuracy"}}[kind]
+    assert set(card.metrics) == expected
+    assert all(0.0 <= v <= 1.0 for v in card.metrics.values())
+    assert card.training["recipe"] == recipe.model_dump(mode="json")
+    _, loaded = load_checkpoint(tmp_path / recipe.name)
+    assert loaded.sha256 == card.sha256 and loaded.input.shape == (1, 28, 28)
+    assert is_trained(recipe, tmp_path)
+
+    weights = tmp_path / recipe.name / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert train_victim(recipe, tmp_path, progress=False).sha256 == card.sha256
+    assert weights.stat().st_mtime_ns == stamp, "the same recipe was retrained"
+
+    changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": 1})})
+    assert not is_trained(changed, tmp_path)
+    train_victim(changed, tmp_path, progress=False)
+    assert read_card(tmp_path / recipe.name).training["recipe"]["train"]["seed"] == 1
+
+
+def test_profiles_name_distinct_victims() -> None:
+    quick, paper = quick_recipes(), paper_recipes()
+    assert quick["classifier"].dataset == "fashion_mnist" and paper["encoder"].architecture == "resnet18"
+    assert recipe_for("encoder", "paper").dataset == "cifar10"
+    assert len({r.name for r in [*quick.values(), *paper.values()]}) == 4
