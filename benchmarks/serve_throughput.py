@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint  # noqa: E402
 from common.models import build_model  # noqa: E402
-from common.wire import HEADER_LENGTH, pack_binary  # noqa: E402
+from common.wire import infer_request  # noqa: E402
 from experiments.victim_process import victim_process  # noqa: E402
 
 MODEL = "fmnist-classifier"
@@ -65,47 +65,13 @@ def raw_forward(store: Path, images: np.ndarray, repeats: int) -> float:
         return repeats * len(images) / (time.perf_counter() - started)
 
 
-def binary_request(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    header = {
-        "inputs": [
-            {
-                "name": "images",
-                "shape": list(images.shape),
-                "datatype": "UINT8",
-                "parameters": {"binary_data_size": images.nbytes},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    body, length = pack_binary(header, [images])
-    return body, {HEADER_LENGTH: str(length), "content-type": "application/octet-stream"}
-
-
-def json_request(images: np.ndarray) -> dict:
-    return {
-        "inputs": [
-            {
-                "name": "images",
-                "shape": list(images.shape),
-                "datatype": "UINT8",
-                "data": images.reshape(-1).tolist(),
-            }
-        ],
-        "outputs": [{"name": "probabilities"}],
-    }
-
-
 def api_throughput(url: str, auth: dict[str, str], images: np.ndarray, repeats: int, binary: bool) -> float:
     with httpx.Client(base_url=url, headers=auth, timeout=120) as client:
         path = f"/v2/models/{MODEL}/infer"
 
         def send() -> None:
-            if binary:
-                body, headers = binary_request(images)
-                response = client.post(path, content=body, headers=headers)
-            else:
-                response = client.post(path, json=json_request(images))
-            response.raise_for_status()
+            body, headers = infer_request(images, ["probabilities"], binary=binary)
+            client.post(path, content=body, headers=headers).raise_for_status()
 
         for _ in range(2):
             send()
@@ -117,7 +83,7 @@ def api_throughput(url: str, auth: dict[str, str], images: np.ndarray, repeats: 
 
 def p50_latency_ms(url: str, auth: dict[str, str], requests: int) -> float:
     image = np.zeros((1, 1, 28, 28), dtype=np.uint8)
-    body, headers = binary_request(image)
+    body, headers = infer_request(image, ["probabilities"])
     times = []
     with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
         for i in range(requests + 20):

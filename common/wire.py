@@ -144,3 +144,44 @@ def take_binary(entries: list[dict[str, Any]], blob: memoryview) -> list[np.ndar
     if offset != len(blob):
         raise WireError(f"{len(blob) - offset} bytes after the last binary tensor")
     return out
+
+
+def infer_request(
+    images: np.ndarray,
+    outputs: list[str] | None = None,
+    binary: bool = True,
+    parameters: dict[str, Any] | None = None,
+    input_name: str = "images",
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a KServe v2 infer request for one image batch.
+
+    ``binary``: Triton binary tensors both ways (the input as raw bytes, the outputs requested with
+    ``binary_data``); else plain JSON. ``outputs`` None lets the server pick the key's default.
+    """
+    entry: dict[str, Any] = {"name": input_name, "shape": list(images.shape), "datatype": datatype_of(images)}
+    header: dict[str, Any] = {"inputs": [entry]}
+    if parameters:
+        header["parameters"] = dict(parameters)
+    if outputs is not None:
+        header["outputs"] = [{"name": o, "parameters": {"binary_data": binary}} for o in outputs]
+    if binary:
+        header.setdefault("parameters", {})["binary_data_output"] = True
+        entry["parameters"] = {"binary_data_size": images.nbytes}
+        body, length = pack_binary(header, [images])
+        return body, {HEADER_LENGTH: str(length), "content-type": BINARY_CONTENT_TYPE}
+    entry["data"] = images.reshape(-1).tolist()
+    return json.dumps(header, separators=(",", ":")).encode(), {"content-type": "application/json"}
+
+
+def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """Output name -> array of a KServe v2 infer response, JSON or binary."""
+    if header_length is not None:
+        header, blob = split_binary(body, int(header_length))
+    else:
+        header, blob = json.loads(body), memoryview(b"")
+    entries = header.get("outputs", [])
+    binary = take_binary(entries, blob)
+    return {
+        e["name"]: b if b is not None else tensor_from_json(e["data"], e["datatype"], e["shape"])
+        for e, b in zip(entries, binary, strict=True)
+    }

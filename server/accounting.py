@@ -104,13 +104,14 @@ class Accounting:
         entries = await self.redis.xrevrange(self.audit_stream(key_id), count=count)
         events = []
         for entry_id, fields in reversed(entries):
-            event = {_text(k): _text(v) for k, v in fields.items()}
-            event["id"] = _text(entry_id)
+            event = {as_text(k): as_text(v) for k, v in fields.items()}
+            event["id"] = as_text(entry_id)
             events.append(event)
         return events
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """Redis replies as str, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.asyncio import Redis
 
-from server.accounting import Accounting
+from server.accounting import Accounting, as_text
 from server.errors import AuthenticationError
 
 KEY_PATTERN = re.compile(r"^sr-(?P<key_id>[0-9a-f]{16})-(?P<secret>[A-Za-z0-9_-]{43})$")
@@ -112,7 +112,7 @@ class KeyStore:
         raw = await self.redis.hgetall(self.accounting.key_hash(key_id))
         if not raw:
             return None
-        f = {_text(k): _text(v) for k, v in raw.items()}
+        f = {as_text(k): as_text(v) for k, v in raw.items()}
         record = KeyRecord(
             key_id=f["key_id"],
             name=f.get("name", ""),
@@ -133,7 +133,7 @@ class KeyStore:
         return loaded[0] if loaded else None
 
     async def list(self) -> list[KeyRecord]:
-        ids = sorted(_text(k) for k in await self.redis.smembers(self.index))
+        ids = sorted(as_text(k) for k in await self.redis.smembers(self.index))
         records = [await self.get(key_id) for key_id in ids]
         return [r for r in records if r is not None]
 
@@ -154,7 +154,3 @@ class KeyStore:
         if not valid or loaded is None or loaded[0].revoked:
             raise AuthenticationError("invalid API key")
         return loaded[0]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

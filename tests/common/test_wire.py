@@ -296,3 +296,42 @@ def test_tensor_from_json_is_strict_about_json_types(data: list, datatype: str) 
 
 def test_tensor_from_json_accepts_ints_for_floats() -> None:
     assert tensor_from_json([1, 2.5], "FP32", [2]).tolist() == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_request_and_response_helpers_round_trip(binary: bool) -> None:
+    from common.wire import HEADER_LENGTH, decode_infer_response, infer_request
+
+    images = np.arange(2 * 1 * 2 * 2, dtype=np.uint8).reshape(2, 1, 2, 2)
+    body, headers = infer_request(images, ["label", "probabilities"], binary=binary, parameters={"top_k": 2})
+    length = headers.get(HEADER_LENGTH)
+    header, blob = split_binary(body, int(length)) if binary else (json.loads(body), memoryview(b""))
+    assert header["parameters"]["top_k"] == 2
+    assert [o["name"] for o in header["outputs"]] == ["label", "probabilities"]
+    assert all(o["parameters"]["binary_data"] is binary for o in header["outputs"])
+    sent = (
+        take_binary(header["inputs"], blob)[0]
+        if binary
+        else tensor_from_json(**{k: header["inputs"][0][k] for k in ("data", "datatype", "shape")})
+    )
+    assert np.array_equal(sent, images)
+
+    outputs = [np.array([3, 1], dtype=np.int64), np.full((2, 3), 0.25, dtype=np.float32)]
+    response = {
+        "outputs": [
+            {"name": n, "shape": list(a.shape), "datatype": datatype_of(a)}
+            for n, a in zip(["label", "probabilities"], outputs, strict=True)
+        ]
+    }
+    if binary:
+        for entry, array in zip(response["outputs"], outputs, strict=True):
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+        raw, size = pack_binary(response, outputs)
+        decoded = decode_infer_response(raw, str(size))
+    else:
+        for entry, array in zip(response["outputs"], outputs, strict=True):
+            entry["data"] = array.reshape(-1).tolist()
+        decoded = decode_infer_response(json.dumps(response).encode(), None)
+    assert np.array_equal(decoded["label"], outputs[0]) and np.array_equal(
+        decoded["probabilities"], outputs[1]
+    )

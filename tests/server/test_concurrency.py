@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common.wire import HEADER_LENGTH, pack_binary
+from common.wire import infer_request
 from tests.conftest import create_key, run_live_server
 
 BATCH = 3
@@ -20,18 +20,7 @@ CONCURRENCY = 200
 
 async def hammer(url: str, headers: dict[str, str]) -> list[httpx.Response]:
     images = np.random.default_rng(0).integers(0, 256, (BATCH, 1, 28, 28), dtype=np.uint8)
-    header = {
-        "inputs": [
-            {
-                "name": "images",
-                "shape": list(images.shape),
-                "datatype": "UINT8",
-                "parameters": {"binary_data_size": images.nbytes},
-            }
-        ],
-        "outputs": [{"name": "label"}],
-    }
-    body, length = pack_binary(header, [images])
+    body, wire_headers = infer_request(images, ["label"])
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     gate = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
@@ -39,7 +28,7 @@ async def hammer(url: str, headers: dict[str, str]) -> list[httpx.Response]:
         async def one() -> httpx.Response:
             async with gate:
                 return await client.post(
-                    "/v2/models/clf/infer", content=body, headers={**headers, HEADER_LENGTH: str(length)}
+                    "/v2/models/clf/infer", content=body, headers={**headers, **wire_headers}
                 )
 
         return await asyncio.gather(*(one() for _ in range(REQUESTS)))
