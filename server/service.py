@@ -6,10 +6,14 @@ so a rejected request charges nothing; a failure after the charge is refunded.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import anyio
 import numpy as np
 import torch
 
+from common.wire import BINARY_CONTENT_TYPE, WireError, datatype_of, pack_binary, tensor_from_json
 from server.accounting import Accounting, ChargeStatus, rate_limit_headers
 from server.errors import (
     AuthenticationError,
@@ -22,12 +26,20 @@ from server.errors import (
 )
 from server.keys import KeyRecord
 from server.registry import OUTPUT_MODES, ServedModel
+from server.schemas import InferRequest
+
+ACCEPTED_DATATYPES = ("UINT8", "FP32")
+
+
+def check_model_access(served: ServedModel, key: KeyRecord) -> None:
+    """403 unless the key may query this model at all."""
+    if not key.allows_model(served.name):
+        raise PermissionDeniedError(f"this key may not query model {served.name!r}", code="model_not_allowed")
 
 
 def check_outputs(served: ServedModel, key: KeyRecord, requested: list[str] | None) -> list[str]:
     """The outputs to compute: the requested ones if the key's tier allows them all, else a 403."""
-    if not key.allows_model(served.name):
-        raise PermissionDeniedError(f"this key may not query model {served.name!r}", code="model_not_allowed")
+    check_model_access(served, key)
     allowed = served.outputs_for_tier(key.tier)
     if requested is None:
         outputs = served.default_outputs(key.tier)
@@ -120,3 +132,74 @@ async def charged_inference(
             "inference failed; the request was not charged", code="inference_failed"
         ) from exc
     return values, headers
+
+
+def validate_infer_request(
+    served: ServedModel,
+    key: KeyRecord,
+    request: InferRequest,
+    binary_input: np.ndarray | None,
+    max_batch: int,
+) -> tuple[np.ndarray, list[str], int]:
+    """Everything that can reject a KServe infer request, before any charge: (images, outputs, k)."""
+    tensor = request.inputs[0]
+    expected = ", ".join(map(str, served.card.input.shape))
+    if len(tensor.shape) != 4:
+        raise InvalidInputError(f"input shape {tensor.shape} must be [n, {expected}]", code="invalid_shape")
+    check_batch(tensor.shape[0], max_batch)
+    if tensor.datatype not in ACCEPTED_DATATYPES:
+        raise InvalidInputError(
+            f"datatype {tensor.datatype} not accepted; send {' or '.join(ACCEPTED_DATATYPES)}",
+            code="invalid_dtype",
+        )
+    if tuple(tensor.shape[1:]) != served.card.input.shape:
+        raise InvalidInputError(
+            f"input shape {tensor.shape} does not match [n, {expected}]", code="invalid_shape"
+        )
+    requested = [o.name for o in request.outputs] if request.outputs else None
+    outputs = check_outputs(served, key, requested)
+    top_k = request.parameters.get("top_k", 5) if served.card.kind == "classifier" else 1
+    if (
+        not isinstance(top_k, int)
+        or isinstance(top_k, bool)
+        or not 1 <= top_k <= max(1, served.card.num_classes)
+    ):
+        raise InvalidInputError(
+            f"parameters.top_k must be an integer in [1, {served.card.num_classes}]", code="invalid_top_k"
+        )
+    if binary_input is not None:
+        return binary_input, outputs, top_k
+    try:
+        return tensor_from_json(tensor.data, tensor.datatype, tensor.shape), outputs, top_k
+    except (WireError, ValueError, OverflowError) as exc:  # e.g. a JSON number too big for the dtype
+        raise InvalidInputError(f"invalid tensor data: {exc}", code="invalid_tensor") from None
+
+
+def encode_infer_response(
+    served: ServedModel, request: InferRequest, values: dict[str, np.ndarray], request_id: str
+) -> tuple[bytes, str, int | None]:
+    """KServe v2 response body: outputs asked with ``binary_data`` (or all, with the request's
+    ``binary_data_output``) as raw bytes after the JSON header. Returns (body, media type, header length).
+    """
+    all_binary = bool(request.parameters.get("binary_data_output", False))
+    wants_binary = {o.name: bool(o.parameters.get("binary_data", all_binary)) for o in request.outputs or []}
+    entries: list[dict[str, Any]] = []
+    blobs: list[np.ndarray] = []
+    for name, array in values.items():
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype_of(array)}
+        if wants_binary.get(name, all_binary):
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            blobs.append(array)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    header = {
+        "model_name": served.name,
+        "model_version": served.card.sha256[:12],
+        "id": request.id or request_id,
+        "outputs": entries,
+    }
+    if blobs:
+        body, length = pack_binary(header, blobs)
+        return body, BINARY_CONTENT_TYPE, length
+    return json.dumps(header, separators=(",", ":")).encode(), "application/json", None

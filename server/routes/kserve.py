@@ -11,20 +11,21 @@ from pydantic import ValidationError
 
 from common.wire import (
     BINARY_CONTENT_TYPE,
-    DATATYPES,
     HEADER_LENGTH,
     WireError,
-    datatype_of,
-    pack_binary,
     split_binary,
     take_binary,
-    tensor_from_json,
 )
 from server import __version__
 from server.deps import AccountingDep, ApiKeyDep, RegistryDep, RequestIdDep, SettingsDep
 from server.errors import ERROR_RESPONSES, InvalidInputError, InvalidRequestError, ServiceUnavailableError
 from server.schemas import Health, InferRequest, InferResponse, ModelMetadata, ServerMetadata, TensorMetadata
-from server.service import charged_inference, check_batch, check_outputs
+from server.service import (
+    charged_inference,
+    check_model_access,
+    encode_infer_response,
+    validate_infer_request,
+)
 
 router = APIRouter(tags=["KServe v2"])
 
@@ -103,7 +104,7 @@ async def model_metadata(
     name: str, key: ApiKeyDep, registry: RegistryDep, settings: SettingsDep
 ) -> ModelMetadata:
     served = registry.get(name)
-    check_outputs(served, key, [])  # 403 for a model this key may not query
+    check_model_access(served, key)  # 403 for a model this key may not query
     card = served.card
     c, h, w = card.input.shape
     outputs = []
@@ -187,44 +188,9 @@ async def infer(
     request_id: RequestIdDep,
 ) -> Response:
     served = registry.get(name)
-    check_outputs(served, key, [])  # model permission before reading the body
+    check_model_access(served, key)  # before reading the body
     infer_request, binary = _parse_body(await request.body(), request.headers.get(HEADER_LENGTH.lower()))
-    tensor = infer_request.inputs[0]
-    if len(tensor.shape) != 4:
-        raise InvalidInputError(
-            f"input shape {tensor.shape} must be [n, {', '.join(map(str, served.card.input.shape))}]",
-            code="invalid_shape",
-        )
-    check_batch(tensor.shape[0], settings.max_batch)
-    if tensor.datatype not in ("UINT8", "FP32"):
-        allowed = [d for d in DATATYPES if d in ("UINT8", "FP32")]
-        raise InvalidInputError(
-            f"datatype {tensor.datatype} not accepted; send {' or '.join(allowed)}", code="invalid_dtype"
-        )
-    if tuple(tensor.shape[1:]) != served.card.input.shape:
-        raise InvalidInputError(
-            f"input shape {tensor.shape} does not match [n, {', '.join(map(str, served.card.input.shape))}]",
-            code="invalid_shape",
-        )
-    requested = [o.name for o in infer_request.outputs] if infer_request.outputs else None
-    outputs = check_outputs(served, key, requested)
-    top_k = infer_request.parameters.get("top_k", 5) if served.card.kind == "classifier" else 1
-    if (
-        not isinstance(top_k, int)
-        or isinstance(top_k, bool)
-        or not 1 <= top_k <= max(1, served.card.num_classes)
-    ):
-        raise InvalidInputError(
-            f"parameters.top_k must be an integer in [1, {served.card.num_classes}]", code="invalid_top_k"
-        )
-    try:
-        images = (
-            binary[0]
-            if binary[0] is not None
-            else tensor_from_json(tensor.data, tensor.datatype, tensor.shape)
-        )
-    except (WireError, ValueError, OverflowError) as exc:  # e.g. a JSON number too big for the dtype
-        raise InvalidInputError(f"invalid tensor data: {exc}", code="invalid_tensor") from None
+    images, outputs, top_k = validate_infer_request(served, key, infer_request, binary[0], settings.max_batch)
     values, headers = await charged_inference(
         served=served,
         key=key,
@@ -236,28 +202,7 @@ async def infer(
         request_id=request_id,
         charge=settings.accounting_enabled,
     )
-    all_binary = bool(infer_request.parameters.get("binary_data_output", False))
-    wants_binary = {
-        o.name: bool(o.parameters.get("binary_data", all_binary)) for o in infer_request.outputs or []
-    }
-    entries: list[dict[str, Any]] = []
-    blobs: list[np.ndarray] = []
-    for out_name, array in values.items():
-        entry: dict[str, Any] = {"name": out_name, "shape": list(array.shape), "datatype": datatype_of(array)}
-        if wants_binary.get(out_name, all_binary):
-            entry["parameters"] = {"binary_data_size": array.nbytes}
-            blobs.append(array)
-        else:
-            entry["data"] = array.reshape(-1).tolist()
-        entries.append(entry)
-    header = {
-        "model_name": served.name,
-        "model_version": served.card.sha256[:12],
-        "id": infer_request.id or request_id,
-        "outputs": entries,
-    }
-    if blobs:
-        body, length = pack_binary(header, blobs)
+    body, media_type, length = encode_infer_response(served, infer_request, values, request_id)
+    if length is not None:
         headers[HEADER_LENGTH] = str(length)
-        return Response(body, media_type=BINARY_CONTENT_TYPE, headers=headers)
-    return Response(json.dumps(header, separators=(",", ":")), media_type="application/json", headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
