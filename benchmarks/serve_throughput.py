@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ import httpx
 import numpy as np
 import torch
 
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.models import build_model
+from common.wire import infer_request
+from experiments.victim_process import victim_process
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.wire import infer_request  # noqa: E402
-from experiments.victim_process import victim_process  # noqa: E402
-
 MODEL = "fmnist-classifier"
 
 

@@ -81,6 +81,14 @@ def minibatches(
     return batches
 
 
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """How many batches :func:`minibatches` yields for ``n`` samples."""
+    batches = math.ceil(n / batch_size)
+    if drop_last and batches > 1 and n % batch_size:
+        batches -= 1
+    return batches
+
+
 StepFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EpochHook = Callable[[int], dict[str, float]]
 
@@ -101,9 +109,7 @@ def run_steps(
     adds (e.g. a kNN monitor).
     """
     generator = seed_everything(cfg.seed)
-    steps_per_epoch = len(
-        minibatches(n_samples, cfg.batch_size, torch.Generator().manual_seed(0), cfg.drop_last)
-    )
+    steps_per_epoch = batches_per_epoch(n_samples, cfg.batch_size, cfg.drop_last)
     optimizer = make_optimizer(params if params is not None else list(model.parameters()), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch

@@ -123,7 +123,7 @@ def train_victim(
     train = _first(splits.victim_train, recipe.train_size)
     channels = train.channels
     # Normalisation statistics of the victim's own training data.
-    pixels = train.to_float() if len(train) <= 20_000 else _first(train, 20_000).to_float()
+    pixels = _first(train, 20_000).to_float()
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
     std = pixels.std(dim=(0, 2, 3)).tolist()
     model = build_model(

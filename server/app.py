@@ -61,7 +61,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_threads)
         yield
         await redis.aclose()
 

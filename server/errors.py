@@ -89,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
             body = envelope(exc.type, exc.code, exc.message)
         else:
             type_ = _STATUS_TYPES.get(exc.status_code, "server_error")
-            body = envelope(type_, type_ if exc.status_code != 404 else "not_found", str(exc.detail))
+            body = envelope(type_, type_, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -286,3 +286,14 @@ def test_predict_restores_mode_and_batches():
         expected = model(images.float() / 255)
     torch.testing.assert_close(out, expected)
     assert predict(model, images[:0]).numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "drop_last"), [(10, 3, True), (10, 3, False), (9, 3, True), (2, 5, True), (2, 5, False)]
+)
+def test_batches_per_epoch_matches_minibatches(n: int, batch: int, drop_last: bool) -> None:
+    from common.training import batches_per_epoch
+
+    assert batches_per_epoch(n, batch, drop_last) == len(
+        minibatches(n, batch, torch.Generator().manual_seed(0), drop_last)
+    )
