@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ from attacker_client.errors import (
     error_from_response,
     retry_after_seconds,
 )
+from common.progress import make_progress, progress_enabled
 from common.wire import decode_infer_response, infer_request
 
 PredictMode = Literal["probabilities", "logits", "label", "top_k"]
@@ -83,6 +85,12 @@ class _Plan:
     keys: list[str]
     cached: dict[str, dict[str, np.ndarray]]
     chunks: list[np.ndarray]  # indices into the batch, one array per request
+    fresh: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # answered rows by index
+
+    @property
+    def to_ask(self) -> int:
+        """Images that will be sent (and charged): the batch minus cache hits and repeats."""
+        return sum(len(chunk) for chunk in self.chunks)
 
 
 class BaseVictimClient:
@@ -97,8 +105,11 @@ class BaseVictimClient:
         max_retries: int = 2,
         cache: ResponseCache | str | Path | None = None,
         headers: dict[str, str] | None = None,
+        progress: bool | None = None,
     ) -> None:
-        """``cache``: a :class:`ResponseCache` or a path to open one at; None disables caching."""
+        """``cache``: a :class:`ResponseCache` or a path to open one at; None disables caching.
+        ``progress``: draw a bar over the images of a multi-request query (``None``: on a terminal,
+        unless ``STEALRANGE_NO_PROGRESS`` is set)."""
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.base_url = base_url.rstrip("/")
@@ -108,6 +119,7 @@ class BaseVictimClient:
         self.cache = ResponseCache(cache) if isinstance(cache, str | Path) else cache
         self._owns_cache = isinstance(cache, str | Path)
         self.extra_headers = dict(headers or {})
+        self.progress = progress
         self.last_budget: Budget | None = None
         self._metadata: dict[str, dict[str, Any]] = {}
 
@@ -148,6 +160,16 @@ class BaseVictimClient:
             return
         rate = headers.get("ratelimit-remaining") or headers.get("x-ratelimit-remaining")
         self.last_budget = Budget(limit, used, remaining, int(rate) if rate and rate.isdigit() else None)
+
+    @contextlib.contextmanager
+    def _query_progress(self, plan: _Plan, model: str) -> Iterator[Callable[[int], None]]:
+        """A bar over the images to ask (shown when the query takes more than one request);
+        yields ``advance(n_images)``."""
+        show = len(plan.chunks) > 1 and (progress_enabled() if self.progress is None else self.progress)
+        with make_progress(show) as bar:
+            hits = plan.n - plan.to_ask
+            task = bar.add_task(f"query {model}", total=plan.to_ask, status=f"{hits} cached")
+            yield lambda n: bar.update(task, advance=n)
 
     # -- request building and decoding -------------------------------------------------------
 
@@ -210,18 +232,20 @@ class BaseVictimClient:
         chunks = [index[s : s + max_batch] for s in range(0, len(index), max(1, max_batch))]
         return _Plan(n, keys, cached, chunks)
 
-    def _assemble(
-        self, plan: _Plan, chunks: list[np.ndarray], results: list[dict[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """Merge cached rows and fresh results back into batch order; store the fresh ones."""
-        fresh: dict[int, dict[str, np.ndarray]] = {}
-        for index, outputs in zip(chunks, results, strict=True):
-            for j, i in enumerate(index):
-                fresh[int(i)] = {name: array[j] for name, array in outputs.items()}
-        if self.cache is not None and fresh:
-            self.cache.put_many({plan.keys[i]: row for i, row in fresh.items()})
-            plan.cached.update({plan.keys[i]: row for i, row in fresh.items()})
-        rows = [fresh[i] if i in fresh else plan.cached[plan.keys[i]] for i in range(plan.n)]
+    def _store(self, plan: _Plan, index: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """Keep one answered chunk: in the plan and, at once, in the on-disk cache, so that what was
+        paid for survives a later chunk's failure (an exhausted budget, a dropped connection)."""
+        rows = {int(i): {name: array[j] for name, array in outputs.items()} for j, i in enumerate(index)}
+        plan.fresh.update(rows)
+        if self.cache is not None and rows:
+            entries = {plan.keys[i]: row for i, row in rows.items()}
+            self.cache.put_many(entries)
+            plan.cached.update(entries)
+
+    @staticmethod
+    def _assemble(plan: _Plan) -> dict[str, np.ndarray]:
+        """Merge cached rows and fresh results back into batch order."""
+        rows = [plan.fresh[i] if i in plan.fresh else plan.cached[plan.keys[i]] for i in range(plan.n)]
         if not rows:
             return {}
         return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
@@ -299,13 +323,12 @@ class VictimClient(BaseVictimClient):
         images = self._check_images(images)
         max_batch = self._max_batch_of(self.model_metadata(model))
         plan = self._plan(model, images, self._mode_key(mode, top_k), max_batch)
-        results = [
-            self._decode(
-                self._request(self._infer_call(model, images[index], mode, top_k, transport)), transport
-            )
-            for index in plan.chunks
-        ]
-        return self._assemble(plan, plan.chunks, results)
+        with self._query_progress(plan, model) as advance:
+            for index in plan.chunks:
+                response = self._request(self._infer_call(model, images[index], mode, top_k, transport))
+                self._store(plan, index, self._decode(response, transport))
+                advance(len(index))
+        return self._assemble(plan)
 
     def predict(
         self,
@@ -414,12 +437,19 @@ class AsyncVictimClient(BaseVictimClient):
         max_batch = self._max_batch_of(await self.model_metadata(model))
         plan = self._plan(model, images, self._mode_key(mode, top_k), max_batch)
 
-        async def one(index: np.ndarray) -> dict[str, np.ndarray]:
-            call = self._infer_call(model, images[index], mode, top_k, transport)
-            return self._decode(await self._request(call), transport)
+        with self._query_progress(plan, model) as advance:
 
-        results = await asyncio.gather(*(one(index) for index in plan.chunks))
-        return self._assemble(plan, plan.chunks, list(results))
+            async def one(index: np.ndarray) -> None:
+                call = self._infer_call(model, images[index], mode, top_k, transport)
+                self._store(plan, index, self._decode(await self._request(call), transport))
+                advance(len(index))
+
+            # Every chunk runs to its end before an error is raised, so each answered one is kept.
+            outcomes = await asyncio.gather(*(one(index) for index in plan.chunks), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return self._assemble(plan)
 
     async def predict(
         self,

@@ -120,3 +120,34 @@ def test_async_concurrency_matches_sync(server: tuple[str, httpx.Client]) -> Non
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
     assert probs.shape == (N, 10)
     assert usage["used"] == 3 * N
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_chunks_paid_before_a_failure_stay_cached(
+    server: tuple[str, httpx.Client], tmp_path: Path, use_async: bool
+) -> None:
+    """Budget 6, max batch 4, 10 images in chunks of 4, 4, 2: the second chunk is refused. What was
+    paid stays in the cache (sync stops at the refusal: 4; async runs every chunk: 4 + 2), and a
+    rerun with a fresh key pays only for the rest."""
+    url, admin = server
+    x = images(N, seed=5)
+    key = new_key(admin, budget=6)
+    cache = tmp_path / "cache"
+    if use_async:
+
+        async def go() -> None:
+            async with AsyncVictimClient(url, key, cache=cache, max_concurrency=1) as client:
+                await client.embed("enc", x)
+
+        with pytest.raises(errors.BudgetExhaustedError):
+            asyncio.run(go())
+    else:
+        with VictimClient(url, key, cache=cache) as client, pytest.raises(errors.BudgetExhaustedError):
+            client.embed("enc", x)
+    paid = 6 if use_async else 4
+    with VictimClient(url, key, cache=cache) as client:
+        assert client.usage()["used"] == paid
+        assert client.cache is not None and len(client.cache) == paid
+    with VictimClient(url, new_key(admin, budget=100), cache=cache) as client:
+        assert client.embed("enc", x).shape == (N, 64)
+        assert client.usage()["used"] == N - paid
