@@ -120,6 +120,7 @@ class BaseVictimClient:
         self._owns_cache = isinstance(cache, str | Path)
         self.extra_headers = dict(headers or {})
         self.progress = progress
+        self.images_sent = 0  # images answered by the server through this client (cache hits excluded)
         self.last_budget: Budget | None = None
         self._metadata: dict[str, dict[str, Any]] = {}
 
@@ -237,6 +238,7 @@ class BaseVictimClient:
         paid for survives a later chunk's failure (an exhausted budget, a dropped connection)."""
         rows = {int(i): {name: array[j] for name, array in outputs.items()} for j, i in enumerate(index)}
         plan.fresh.update(rows)
+        self.images_sent += len(rows)
         if self.cache is not None and rows:
             entries = {plan.keys[i]: row for i, row in rows.items()}
             self.cache.put_many(entries)

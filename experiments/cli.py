@@ -1,12 +1,14 @@
 """The ``stealrange`` command: one typer app with sub-commands per side.
 
 - victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
+- attacker side (``attacker_client/cli.py``): ``attack list|params|rda|stolen-encoder|...``
 """
 
 from __future__ import annotations
 
 import typer
 
+from attacker_client.cli import attack_app
 from server import cli as server_cli
 
 app = typer.Typer(
@@ -19,6 +21,7 @@ app.command("up")(server_cli.up)
 app.command("serve")(server_cli.serve)
 app.command("train-victim")(server_cli.train_victim_command)
 app.add_typer(server_cli.keys_app, name="keys")
+app.add_typer(attack_app, name="attack")
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,34 @@
+"""Encoder-stealing attacks, one per file, registered by name (``build_attack("rda", {...})``).
+
+- ``rda``: RDA, Wu et al., ECCV 2024 (prototypes queried once, Discriminate + Align)
+- ``stolen_encoder``: StolenEncoder, Liu et al., CCS 2022 (MSE on clean + augmented views)
+- ``cont_steal``: Cont-Steal, Sha et al., CVPR 2023 (contrastive)
+- ``conventional``: end-to-end stealing that queries the victim every epoch
+"""
+
+from attacker_client.attacks import cont_steal, conventional, rda, stolen_encoder
+from attacker_client.attacks.base import (
+    EmbedOracle,
+    EncoderAttack,
+    EncoderAttackParams,
+    StealingResult,
+    attack_class,
+    build_attack,
+    list_attacks,
+    register_attack,
+)
+
+__all__ = [
+    "EmbedOracle",
+    "EncoderAttack",
+    "EncoderAttackParams",
+    "StealingResult",
+    "attack_class",
+    "build_attack",
+    "cont_steal",
+    "conventional",
+    "list_attacks",
+    "rda",
+    "register_attack",
+    "stolen_encoder",
+]

@@ -1,0 +1,245 @@
+"""The contract of an encoder-stealing attack, and the registry of attacks by name.
+
+Layered as ART's attacks are: each attack lives in its own file, declares its parameters as a
+pydantic model (checked when the attack is built, so a typo in a scenario fails before any query is
+spent), and implements one method, :meth:`EncoderAttack.steal`. The attack sees the victim only
+through an *oracle*: a function from uint8 images ``[n, C, H, W]`` to float32 embeddings
+``[n, d]``; in this project that is :meth:`attacker_client.client.VictimClient.embed`, so every
+image the attack asks for is a paid query on the victim's API (unless the client's cache has it).
+
+Every random choice (which query samples, which views) comes from generators seeded by the
+attack's ``seed``, and the query views are made on the CPU, so the same command asks for the same
+bytes again and a rerun is served from the client's cache for free.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.datasets import ImageData
+from common.models import Encoder, ImageModel, build_model, list_backbones
+from common.training import TrainConfig, run_steps
+from common.views import ViewConfig, ViewGenerator, to_uint8
+
+EmbedOracle = Callable[[np.ndarray], np.ndarray]
+"""uint8 images [n, C, H, W] -> float32 embeddings [n, d]; every image is one query."""
+
+ViewPreset = Literal["none", "simclr", "rda_prototype", "rda_train", "stolen_encoder"]
+
+SURROGATE_MEAN = 0.5
+SURROGATE_STD = 0.5
+VIEW_CHUNK = 256  # samples per view-generation call; fixed so the random stream never depends on it
+
+
+def view_generator(preset: ViewPreset) -> ViewGenerator | None:
+    """The :class:`ViewGenerator` of a preset name (``none``: the clean image)."""
+    if preset == "none":
+        return None
+    return ViewGenerator(getattr(ViewConfig, preset)())
+
+
+class EncoderAttackParams(BaseModel):
+    """Parameters every encoder attack shares; each attack adds its own and may change defaults.
+
+    The defaults are RDA's released training setup (Wu et al., ECCV 2024): Adam, lr 1e-3, weight
+    decay 1e-4, batch 100, 100 epochs. ``architecture`` is the surrogate's backbone (the paper uses a
+    ResNet-18; the quick profile the small CNN); its output width is the victim's embedding width.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str = Field("small_cnn", description="surrogate backbone (a registered name)")
+    epochs: int = Field(100, ge=1, description="training epochs over the query samples")
+    batch_size: int = Field(100, ge=2, description="query samples per step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
+    seed: int = Field(0, description="seeds the sample choice, the views and the surrogate's init")
+
+    def model_post_init(self, context: Any, /) -> None:
+        if self.architecture not in list_backbones():
+            raise ValueError(
+                f"unknown surrogate architecture {self.architecture!r}; known: {', '.join(list_backbones())}"
+            )
+
+    def train_config(self, device: torch.device) -> TrainConfig:
+        """The :class:`TrainConfig` of the surrogate's training loop."""
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="adam",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            seed=self.seed,
+            device=str(device),
+            max_steps=self.max_steps,
+        )
+
+
+@dataclass
+class StealingResult:
+    """What :meth:`EncoderAttack.steal` returns."""
+
+    surrogate: ImageModel
+    history: list[dict[str, float]]
+    samples: int  # query samples used
+    queries: int  # images sent to the oracle (the server's usage is the authority on what was paid)
+    query_seconds: float
+    train_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EncoderAttack(abc.ABC):
+    """Base class: parameters validated at construction, a query plan, and :meth:`steal`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Params: ClassVar[type[EncoderAttackParams]] = EncoderAttackParams
+
+    def __init__(self, params: EncoderAttackParams | dict[str, Any] | None = None, **overrides: Any) -> None:
+        """``params`` (a model or a dict) updated by ``overrides``; validated here."""
+        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
+        self.params = self.Params.model_validate({**base, **overrides})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+    # -- the query plan ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def queries_per_sample(self) -> int:
+        """Victim queries each query sample costs over the whole attack."""
+
+    def samples_for(self, budget: int, pool_size: int) -> int:
+        """How many query samples fit in ``budget`` (and in the pool); at least 2 or an error."""
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 query, got {budget}")
+        n = min(pool_size, budget // self.queries_per_sample())
+        if n < 2:
+            raise ValueError(
+                f"{self.name}: a budget of {budget} queries buys {n} query samples at "
+                f"{self.queries_per_sample()} queries each; at least 2 are needed"
+            )
+        return n
+
+    def choose_samples(self, pool: ImageData, budget: int) -> ImageData:
+        """A seeded random subset of the pool, as large as the budget allows."""
+        n = self.samples_for(budget, len(pool))
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.params.seed))
+        return pool.subset(order[:n])
+
+    # -- helpers for the attacks -------------------------------------------------------------
+
+    def build_surrogate(self, pool: ImageData, embedding_dim: int) -> Encoder:
+        """A fresh surrogate encoder whose representation has the victim's width (seeded init)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.params.seed)
+            model = build_model(
+                "encoder",
+                self.params.architecture,
+                pool.channels,
+                [SURROGATE_MEAN] * pool.channels,
+                [SURROGATE_STD] * pool.channels,
+                feature_dim=embedding_dim,
+            )
+        assert isinstance(model, Encoder)
+        return model
+
+    @staticmethod
+    def make_views(
+        images: torch.Tensor, n_views: int, views: ViewGenerator | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``n_views`` uint8 views of every uint8 image, made on the CPU: ``[n, n_views, C, H, W]``.
+
+        Generated :data:`VIEW_CHUNK` samples at a time, so memory stays small and the random stream,
+        hence the bytes asked for, does not depend on the machine.
+        """
+        out = torch.empty((images.shape[0], n_views, *images.shape[1:]), dtype=torch.uint8)
+        for start in range(0, images.shape[0], VIEW_CHUNK):
+            x = images[start : start + VIEW_CHUNK].float() / 255.0
+            if views is None:
+                v = x.unsqueeze(0).expand(n_views, *x.shape)
+            else:
+                v = views.views(x, n_views, generator)
+            out[start : start + VIEW_CHUNK] = to_uint8(v).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def query(oracle: EmbedOracle, images: torch.Tensor) -> torch.Tensor:
+        """Ask the oracle for the embeddings of uint8 images ``[..., C, H, W]``: ``[..., d]``."""
+        lead = images.shape[:-3]
+        flat = images.reshape(-1, *images.shape[-3:]).numpy()
+        embeddings = np.asarray(oracle(flat), dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != flat.shape[0]:
+            raise ValueError(f"the oracle returned {embeddings.shape} for {flat.shape[0]} images")
+        return torch.from_numpy(embeddings.copy()).reshape(*lead, embeddings.shape[1])
+
+    def train(
+        self,
+        surrogate: ImageModel,
+        n_samples: int,
+        step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        device: torch.device,
+        progress: bool | None,
+    ) -> tuple[list[dict[str, float]], float]:
+        """Run the surrogate's training loop; returns (history, seconds)."""
+        started = time.perf_counter()
+        history = run_steps(
+            surrogate,
+            n_samples,
+            step,
+            self.params.train_config(device),
+            description=self.name,
+            progress=progress,
+        )
+        return history, time.perf_counter() - started
+
+    @abc.abstractmethod
+    def steal(
+        self,
+        oracle: EmbedOracle,
+        pool: ImageData,
+        budget: int,
+        device: torch.device,
+        progress: bool | None = None,
+    ) -> StealingResult:
+        """Spend at most ``budget`` queries of ``oracle`` on images of ``pool``; train a surrogate."""
+
+
+_ATTACKS: dict[str, type[EncoderAttack]] = {}
+
+
+def register_attack(cls: type[EncoderAttack]) -> type[EncoderAttack]:
+    """Class decorator: register an attack under its ``name`` (timm-style registry)."""
+    if cls.name in _ATTACKS:
+        raise ValueError(f"attack {cls.name!r} is already registered")
+    _ATTACKS[cls.name] = cls
+    return cls
+
+
+def list_attacks() -> list[str]:
+    """Names of every registered attack."""
+    return sorted(_ATTACKS)
+
+
+def attack_class(name: str) -> type[EncoderAttack]:
+    """The attack class registered as ``name`` (``-`` and ``_`` alike)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known attacks: {', '.join(list_attacks())}")
+    return _ATTACKS[key]
+
+
+def build_attack(name: str, params: dict[str, Any] | None = None) -> EncoderAttack:
+    """Build the attack ``name`` with ``params`` (validated; unknown names are errors)."""
+    return attack_class(name)(params or {})

@@ -1,0 +1,95 @@
+"""Cont-Steal baseline: "Can't Steal? Cont-Steal! Contrastive Stealing Attacks Against Image
+Encoders" (Sha et al., CVPR 2023), as RDA's released code runs it (the contrastive term alone).
+
+The victim embeds ``query_views`` (default 1) augmented views of each query sample, once, before
+training (queries = N x ``query_views``, N = budget // ``query_views`` capped by the pool). Each step
+pairs a fresh augmented view of every sample, embedded by the surrogate, with one of that sample's
+victim embeddings (drawn at random when there are several); both are L2-normalised and trained with
+the contrastive loss of :func:`attacker_client.attacks.losses.discriminate_loss`: the positive is
+the sample's own victim embedding, the negatives are the other samples' victim embeddings and the
+other surrogate embeddings. Views are SimCLR's, as Cont-Steal uses; temperature 0.07 (RDA's value,
+a parameter here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from attacker_client.attacks.base import (
+    EmbedOracle,
+    EncoderAttack,
+    EncoderAttackParams,
+    StealingResult,
+    ViewPreset,
+    register_attack,
+    view_generator,
+)
+from attacker_client.attacks.losses import discriminate_loss
+from common.datasets import ImageData
+from common.devices import autocast
+from common.training import batch_to_device
+
+
+class ContStealParams(EncoderAttackParams):
+    """Cont-Steal's hyper-parameters."""
+
+    query_views: int = Field(1, ge=1, description="augmented views per sample the victim embeds")
+    temperature: float = Field(0.07, gt=0, description="contrastive temperature")
+    query_view: ViewPreset = Field("simclr", description="views the victim embeds")
+    train_view: ViewPreset = Field("simclr", description="views the surrogate trains on")
+
+
+@register_attack
+class ContSteal(EncoderAttack):
+    """Contrastive stealing between surrogate and victim embeddings of augmented views."""
+
+    name = "cont_steal"
+    paper = "Sha et al., Can't Steal? Cont-Steal!, CVPR 2023"
+    Params = ContStealParams
+    params: ContStealParams
+
+    def queries_per_sample(self) -> int:
+        return self.params.query_views
+
+    def steal(
+        self,
+        oracle: EmbedOracle,
+        pool: ImageData,
+        budget: int,
+        device: torch.device,
+        progress: bool | None = None,
+    ) -> StealingResult:
+        p = self.params
+        samples = self.choose_samples(pool, budget)
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(p.seed)
+        queried = self.make_views(samples.images, p.query_views, view_generator(p.query_view), generator)
+        victim = F.normalize(self.query(oracle, queried), dim=2)  # [N, query_views, d]
+        query_seconds = time.perf_counter() - started
+
+        surrogate = self.build_surrogate(pool, victim.shape[2]).to(device)
+        targets = victim.to(device)
+        views = view_generator(p.train_view)
+
+        def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            x = batch_to_device(samples.images[batch], device)
+            v = x if views is None else views(x, generator)
+            with autocast(device):
+                z = F.normalize(surrogate.features(v).float(), dim=1)
+            pick = torch.randint(p.query_views, (len(batch),), generator=generator)
+            y = targets[batch.to(device), pick.to(device)]
+            return discriminate_loss(z, y, p.temperature)
+
+        history, train_seconds = self.train(surrogate, len(samples), step, device, progress)
+        return StealingResult(
+            surrogate=surrogate.cpu(),
+            history=history,
+            samples=len(samples),
+            queries=len(samples) * p.query_views,
+            query_seconds=query_seconds,
+            train_seconds=train_seconds,
+        )

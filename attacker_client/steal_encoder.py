@@ -1,0 +1,183 @@
+"""One encoder-stealing run over the network: what ``stealrange attack <name>`` does.
+
+1. Read the victim's metadata through the API (input shape, embedding width, version).
+2. Read the key's usage, run the attack with :meth:`VictimClient.embed` as its oracle (binary
+   tensors, chunked, retried, every answered image cached on disk in ``out/query_cache.sqlite``),
+   read the usage again: the queries spent are the server's count, not the attacker's.
+3. Save the surrogate (``out/surrogate/``: safetensors + card) and evaluate it
+   (:mod:`attacker_client.evaluate`), next to the victim's white-box checkpoint when one is given
+   (or found in the local model store with the served version's digest) and next to an untrained
+   surrogate of the same architecture.
+4. Write ``out/result.json``.
+
+Re-running the same command asks the same images (seeded views made on the CPU), which the cache
+answers: it spends zero new queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from attacker_client.attacks import build_attack
+from attacker_client.client import VictimClient
+from attacker_client.evaluate import EvalConfig, evaluate_stealing
+from common.checkpoints import InputSpec, card_for, load_checkpoint, read_card, save_checkpoint
+from common.datasets import ImageData, get_dataset
+from common.devices import resolve_device, seed_everything
+from common.models import ImageModel
+
+RESULT_FILE = "result.json"
+CACHE_FILE = "query_cache.sqlite"
+SURROGATE_DIR = "surrogate"
+
+
+class EncoderStealingConfig(BaseModel):
+    """Everything one run needs; the CLI and the range build it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    key: SecretStr
+    model: str
+    attack: str = "rda"
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
+    query_set: str = "mnist5k"
+    query_split: str = "train"
+    budget: int = Field(ge=1)
+    out: Path
+    device: str = "auto"
+    victim_checkpoint: Path | None = None
+    data_root: Path | None = None
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    untrained_reference: bool = Field(True, description="also score an untrained surrogate")
+    progress: bool | None = None
+
+
+def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:
+    """The attacker's query images, adapted to the victim's input (channels, size)."""
+    data = get_dataset(name, split, root=data_root)
+    return data.adapt(spec.channels, (spec.height, spec.width))
+
+
+def find_victim_checkpoint(config: EncoderStealingConfig, version: str) -> Path | None:
+    """The victim's local checkpoint: the one given, else ``$STEALRANGE_MODEL_STORE/<model>`` (or
+    ``./model_store/<model>``) when its weights' digest is the served version's."""
+    if config.victim_checkpoint is not None:
+        return config.victim_checkpoint
+    store = Path(os.environ.get("STEALRANGE_MODEL_STORE") or "model_store")
+    folder = store / config.model
+    try:
+        card = read_card(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+    return folder if version and card.sha256.startswith(version) else None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("stealrange")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"stealrange": own, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
+    """Run the attack of ``config`` against the victim API; returns (and writes) the result."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    attack = build_attack(config.attack, config.params)
+    seed_everything(attack.params.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with VictimClient(
+        config.url, config.key.get_secret_value(), cache=out / CACHE_FILE, progress=config.progress
+    ) as client:
+        metadata = client.model_metadata(config.model)
+        if metadata["kind"] != "encoder":
+            raise ValueError(f"{config.model!r} is a {metadata['kind']}, not an encoder")
+        _, channels, height, width = metadata["inputs"][0]["shape"]
+        spec = InputSpec(channels=channels, height=height, width=width)
+        version = (metadata.get("versions") or [""])[0]
+        pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
+        before = client.usage()
+        result = attack.steal(
+            lambda images: client.embed(config.model, images), pool, config.budget, device, config.progress
+        )
+        after = client.usage()
+        sent = client.images_sent
+
+    surrogate = result.surrogate
+    victim: ImageModel | None = None
+    victim_path = find_victim_checkpoint(config, version)
+    if victim_path is not None:
+        victim, _ = load_checkpoint(victim_path, device)
+    untrained = attack.build_surrogate(pool, surrogate.feature_dim) if config.untrained_reference else None
+    evaluation = evaluate_stealing(surrogate, spec, config.evaluation, victim, untrained, device)
+
+    name = f"{attack.name.replace('_', '-')}-{config.model}"[:64]
+    card = card_for(
+        surrogate,
+        name,
+        attack.params.architecture,
+        input=spec,
+        dataset=config.query_set,
+        description=f"surrogate of {config.model} stolen by {attack.name} (budget {config.budget})",
+        metrics={
+            f"{dataset}.{metric}": value
+            for dataset, scores in evaluation["surrogate"].items()
+            for metric, value in scores.items()
+        },
+        training={"attack": attack.name, "params": attack.params.model_dump(mode="json")},
+    )
+    save_checkpoint(surrogate, card, out / SURROGATE_DIR)
+
+    record: dict[str, Any] = {
+        "attack": attack.name,
+        "paper": attack.paper,
+        "params": attack.params.model_dump(mode="json"),
+        "victim": {
+            "url": config.url,
+            "model": config.model,
+            "version": version,
+            "input": list(spec.shape),
+            "embedding_dim": metadata.get("embedding_dim"),
+            "reported_metrics": metadata.get("metrics", {}),
+            "checkpoint": str(victim_path) if victim_path else None,
+        },
+        "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
+        "budget": config.budget,
+        "samples": result.samples,
+        "queries": {
+            "planned": result.queries,
+            "spent": after["used"] - before["used"],
+            "sent": sent,
+            "cache_hits": result.queries - sent,
+            "key_used": after["used"],
+            "key_remaining": after.get("remaining"),
+        },
+        "evaluation": evaluation,
+        "history": result.history,
+        "extra": result.extra,
+        "seconds": {
+            "query": result.query_seconds,
+            "train": result.train_seconds,
+            "evaluate": evaluation["seconds"],
+            "total": time.perf_counter() - started,
+        },
+        "device": str(device),
+        "checkpoint": str(out / SURROGATE_DIR),
+        "versions": _versions(),
+    }
+    (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
