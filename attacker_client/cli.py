@@ -95,7 +95,9 @@ def _make_attack_command(name: str) -> None:
         budget: Annotated[int, typer.Option(min=1, help="most queries (images) to spend")],
         out: Annotated[Path, typer.Option(help="run folder: surrogate, result.json, query cache")],
         query_set: Annotated[str, typer.Option(help="attacker's query images (a dataset name)")] = "mnist5k",
-        query_split: Annotated[str, typer.Option(help="train or test")] = "train",
+        query_split: Annotated[
+            str, typer.Option(help="train, test, or attacker (the pool the victim never trained on)")
+        ] = "train",
         param: Annotated[
             list[str] | None, typer.Option("--param", "-p", help="attack parameter name=value (repeat)")
         ] = None,

@@ -30,7 +30,7 @@ from attacker_client.attacks import build_attack
 from attacker_client.client import VictimClient
 from attacker_client.evaluate import EvalConfig, evaluate_stealing
 from common.checkpoints import InputSpec, card_for, load_checkpoint, read_card, save_checkpoint
-from common.datasets import ImageData, get_dataset
+from common.datasets import ImageData, get_dataset, make_splits
 from common.devices import resolve_device, seed_everything
 from common.models import ImageModel
 
@@ -62,8 +62,16 @@ class EncoderStealingConfig(BaseModel):
 
 
 def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:
-    """The attacker's query images, adapted to the victim's input (channels, size)."""
-    data = get_dataset(name, split, root=data_root)
+    """The attacker's query images, adapted to the victim's input (channels, size).
+
+    ``split`` is ``train`` or ``test`` of the dataset, or ``attacker``: the attacker's pool of
+    :func:`common.datasets.make_splits` (seed 0), the half of the train split the victim's recipe
+    did not train on (in-distribution data the victim never saw).
+    """
+    if split == "attacker":
+        data = make_splits(name, root=data_root).attacker_pool
+    else:
+        data = get_dataset(name, split, root=data_root)
     return data.adapt(spec.channels, (spec.height, spec.width))
 
 

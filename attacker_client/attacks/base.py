@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.datasets import ImageData
+from common.devices import memory_format
 from common.models import Encoder, ImageModel, build_model, list_backbones
 from common.training import TrainConfig, run_steps
 from common.views import ViewConfig, ViewGenerator, to_uint8
@@ -65,11 +66,12 @@ class EncoderAttackParams(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
     seed: int = Field(0, description="seeds the sample choice, the views and the surrogate's init")
 
-    def model_post_init(self, context: Any, /) -> None:
-        if self.architecture not in list_backbones():
-            raise ValueError(
-                f"unknown surrogate architecture {self.architecture!r}; known: {', '.join(list_backbones())}"
-            )
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        if value not in list_backbones():
+            raise ValueError(f"unknown surrogate architecture {value!r}; known: {list_backbones()}")
+        return value
 
     def train_config(self, device: torch.device) -> TrainConfig:
         """The :class:`TrainConfig` of the surrogate's training loop."""
@@ -194,6 +196,7 @@ class EncoderAttack(abc.ABC):
     ) -> tuple[list[dict[str, float]], float]:
         """Run the surrogate's training loop; returns (history, seconds)."""
         started = time.perf_counter()
+        surrogate.to(device, memory_format=memory_format(device))
         history = run_steps(
             surrogate,
             n_samples,
