@@ -1,0 +1,147 @@
+"""The contract of an output defense, its request context, pipelines, and the registry by name.
+
+As ART's postprocessors: a defense is a small, batch-wise transform of a model's outputs, with its
+parameters in a pydantic model checked when it is built (so a bad configuration stops the server's
+startup with a clear message). Classifier defenses transform probabilities ``[n, C]`` into
+probabilities (the served label, top-k and logits are derived from the defended probabilities);
+encoder defenses transform embeddings ``[n, d]``.
+
+Random defenses draw their noise from :meth:`DefenseContext.generator`, seeded by
+HMAC-SHA256(server secret, key id | model | input digest | defense salt): the same key asking the
+same image again gets the same answer (so noise cannot be averaged away by re-asking), another key
+gets other noise, and nobody without the server secret can predict it.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+ModelKind = Literal["classifier", "encoder"]
+
+
+def image_digests(images: np.ndarray) -> list[bytes]:
+    """SHA-256 of every image's raw bytes (dtype and shape included), in batch order."""
+    return [
+        hashlib.sha256(
+            f"{image.dtype.str}{image.shape}".encode() + np.ascontiguousarray(image).tobytes()
+        ).digest()
+        for image in images
+    ]
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """Who asks what: the key, the model, one digest per input image, and the server's secret."""
+
+    key_id: str
+    model: str
+    digests: Sequence[bytes]
+    secret: bytes = b""
+
+    def seed(self, index: int, salt: str) -> int:
+        """A 63-bit seed for image ``index`` of the batch and a defense ``salt``."""
+        message = b"|".join([self.key_id.encode(), self.model.encode(), self.digests[index], salt.encode()])
+        return int.from_bytes(hmac.new(self.secret, message, hashlib.sha256).digest()[:8], "big") >> 1
+
+    def generator(self, index: int, salt: str) -> torch.Generator:
+        """A CPU generator seeded by :meth:`seed`."""
+        return torch.Generator().manual_seed(self.seed(index, salt))
+
+    def per_sample(self, salt: str, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+        """Stack ``draw(generator)`` over the batch, one deterministic generator per image."""
+        return torch.stack([draw(self.generator(i, salt)) for i in range(len(self.digests))])
+
+
+class DefenseParams(BaseModel):
+    """Base of every defense's parameters: frozen, unknown names rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutputDefense(abc.ABC):
+    """Base class: declared parameters validated at construction and a batch-wise :meth:`apply`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    kinds: ClassVar[frozenset[ModelKind]]
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
+
+    def __init__(self, params: DefenseParams | dict[str, Any] | None = None, **overrides: Any) -> None:
+        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
+        self.params = self.Params.model_validate({**base, **overrides})
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{self.name}({fields})"
+
+    @abc.abstractmethod
+    def apply(self, outputs: torch.Tensor, context: DefenseContext) -> torch.Tensor:
+        """Defended outputs of the same shape: probabilities for classifiers, embeddings for encoders."""
+
+
+_DEFENSES: dict[str, type[OutputDefense]] = {}
+
+
+def register_defense(cls: type[OutputDefense]) -> type[OutputDefense]:
+    """Class decorator: register a defense under its ``name`` (timm-style registry)."""
+    if cls.name in _DEFENSES:
+        raise ValueError(f"defense {cls.name!r} is already registered")
+    _DEFENSES[cls.name] = cls
+    return cls
+
+
+def list_defenses() -> list[str]:
+    """Names of every registered defense."""
+    return sorted(_DEFENSES)
+
+
+def defense_class(name: str) -> type[OutputDefense]:
+    """The defense class registered as ``name`` (``-`` and ``_`` alike)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in _DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(list_defenses())}")
+    return _DEFENSES[key]
+
+
+def build_defense(spec: dict[str, Any]) -> OutputDefense:
+    """Build a defense from ``{"name": ..., **params}`` (as a scenario or model store names it)."""
+    if "name" not in spec:
+        raise ValueError(f"a defense spec needs a 'name': {spec}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return defense_class(str(spec["name"]))(params)
+
+
+class DefensePipeline:
+    """Several defenses applied in order; empty means undefended."""
+
+    def __init__(self, defenses: Sequence[OutputDefense] = ()) -> None:
+        self.defenses = list(defenses)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[dict[str, Any]], kind: ModelKind) -> DefensePipeline:
+        """Build and check every spec; a defense for another kind of model is an error."""
+        defenses = [build_defense(dict(spec)) for spec in specs]
+        for defense in defenses:
+            if kind not in defense.kinds:
+                raise ValueError(f"defense {defense.name!r} does not apply to {kind} models")
+        return cls(defenses)
+
+    def __bool__(self) -> bool:
+        return bool(self.defenses)
+
+    def __repr__(self) -> str:
+        return " -> ".join(map(repr, self.defenses)) or "undefended"
+
+    def apply(self, outputs: torch.Tensor, context: DefenseContext) -> torch.Tensor:
+        for defense in self.defenses:
+            outputs = defense.apply(outputs, context)
+        return outputs
