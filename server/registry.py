@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import defenses.output  # noqa: F401  (registers the output defenses)
 from common.checkpoints import CARD_FILE, ModelCard, OutputMode, load_checkpoint
 from common.models import ImageModel
+from defenses.base import DefenseContext, DefensePipeline
+from defenses.config import DEFAULT_TIER, load_defense_config
 from server.errors import InvalidInputError, NotFoundError
 
 # Output tensor name -> the output mode a key's tier must allow to receive it.
@@ -44,10 +47,15 @@ class ServedModel:
     model: ImageModel
     device: torch.device
     output_names: list[str] = field(default_factory=list)
+    defenses: dict[str, DefensePipeline] = field(default_factory=dict)  # tier or "*" -> pipeline
 
     @property
     def name(self) -> str:
         return self.card.name
+
+    def pipeline_for(self, tier: str) -> DefensePipeline:
+        """The tier's own pipeline, else the model's default (empty: undefended)."""
+        return self.defenses.get(tier) or self.defenses.get(DEFAULT_TIER) or DefensePipeline()
 
     def outputs_for_tier(self, tier: str) -> list[str]:
         modes = set(self.card.modes_for_tier(tier))
@@ -85,13 +93,28 @@ class ServedModel:
         )
 
     @torch.inference_mode()
-    def compute(self, x: torch.Tensor, outputs: list[str], top_k: int) -> dict[str, np.ndarray]:
-        """Run the model once and derive every requested output tensor from that one pass."""
+    def compute(
+        self,
+        x: torch.Tensor,
+        outputs: list[str],
+        top_k: int,
+        pipeline: DefensePipeline | None = None,
+        context: DefenseContext | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model once, apply the defense pipeline (to embeddings, or to probabilities), and
+        derive every requested output tensor from the defended values. A defended classifier's
+        logits are ``log`` of its defended probabilities (zeros floored at 1e-30)."""
         if self.card.kind == "encoder":
-            return {"embedding": self.model.features(x).float().cpu().numpy()}
+            embedding = self.model.features(x).float()
+            if pipeline and context is not None:
+                embedding = pipeline.apply(embedding, context)
+            return {"embedding": embedding.cpu().numpy()}
         logits = self.model(x).float()
         result: dict[str, np.ndarray] = {}
         probabilities = torch.softmax(logits, dim=1)
+        if pipeline and context is not None:
+            probabilities = pipeline.apply(probabilities, context).float()
+            logits = torch.log(probabilities.clamp_min(1e-30))
         for name in outputs:
             if name == "logits":
                 result[name] = logits.cpu().numpy()
@@ -122,12 +145,15 @@ class ModelRegistry:
         for folder in sorted(p for p in store.iterdir() if (p / CARD_FILE).is_file()):
             try:
                 model, card = load_checkpoint(folder, device)
+                pipelines = load_defense_config(folder).pipelines(card.kind)
             except Exception as exc:
                 raise ModelStoreError(f"cannot serve {folder}: {exc}") from exc
             if card.name in models:
                 raise ModelStoreError(f"two checkpoints are named {card.name!r} in {store}")
             names = ["embedding"] if card.kind == "encoder" else [n for n in OUTPUT_MODES if n != "embedding"]
-            models[card.name] = ServedModel(card=card, model=model, device=device, output_names=names)
+            models[card.name] = ServedModel(
+                card=card, model=model, device=device, output_names=names, defenses=pipelines
+            )
         return cls(models)
 
     def get(self, name: str) -> ServedModel:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from common.wire import BINARY_CONTENT_TYPE, WireError, datatype_of, pack_binary, tensor_from_json
+from defenses.base import DefenseContext, image_digests
 from server.accounting import Accounting, ChargeStatus, rate_limit_headers
 from server.errors import (
     AuthenticationError,
@@ -84,18 +85,33 @@ async def charged_inference(
     accounting: Accounting,
     limiter: anyio.CapacityLimiter,
     request_id: str,
+    secret: bytes = b"",
+    expose_defense: bool = False,
     charge: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Charge ``len(images)`` queries, run the model, refund if it fails; returns outputs + headers.
+    """Charge ``len(images)`` queries, run the model behind the key's tier's defense pipeline, refund
+    if it fails; returns outputs + headers.
 
-    ``charge=False`` (the ``accounting_enabled`` setting, for benchmarks) skips the accounting.
+    The defenses' noise is keyed by (``secret``, key, model, image digest). ``expose_defense`` names
+    the pipeline in an ``x-stealrange-defense`` header. ``charge=False`` (the ``accounting_enabled``
+    setting, for benchmarks) skips the accounting.
     """
     x: torch.Tensor = served.to_model_input(images)
     n = int(x.shape[0])
     mode = ",".join(sorted({OUTPUT_MODES[o] for o in outputs}))
+    pipeline = served.pipeline_for(key.tier)
+    context = (
+        DefenseContext(key_id=key.key_id, model=served.name, digests=image_digests(images), secret=secret)
+        if pipeline
+        else None
+    )
+    defense_headers = {"x-stealrange-defense": repr(pipeline)} if expose_defense else {}
+
+    def run() -> dict[str, np.ndarray]:
+        return served.compute(x, outputs, top_k, pipeline, context)
+
     if not charge:
-        values = await anyio.to_thread.run_sync(served.compute, x, outputs, top_k, limiter=limiter)
-        return values, {}
+        return await anyio.to_thread.run_sync(run, limiter=limiter), defense_headers
     result = await accounting.charge(key.key_id, n, served.name, mode, request_id)
     headers = rate_limit_headers(result, key.burst, key.rate)
     if result.status is ChargeStatus.RATE_LIMITED:
@@ -125,13 +141,13 @@ async def charged_inference(
     if result.status in (ChargeStatus.UNKNOWN_KEY, ChargeStatus.REVOKED):
         raise AuthenticationError("invalid API key")
     try:
-        values = await anyio.to_thread.run_sync(served.compute, x, outputs, top_k, limiter=limiter)
+        values = await anyio.to_thread.run_sync(run, limiter=limiter)
     except Exception as exc:
         await accounting.refund(key.key_id, n, served.name, mode, request_id)
         raise ServiceUnavailableError(
             "inference failed; the request was not charged", code="inference_failed"
         ) from exc
-    return values, headers
+    return values, {**headers, **defense_headers}
 
 
 def validate_infer_request(

@@ -200,6 +200,8 @@ async def infer(
         accounting=accounting,
         limiter=request.app.state.inference_limiter,
         request_id=request_id,
+        secret=settings.server_secret.get_secret_value().encode(),
+        expose_defense=settings.expose_defense,
         charge=settings.accounting_enabled,
     )
     body, media_type, length = encode_infer_response(served, infer_request, values, request_id)

@@ -91,6 +91,8 @@ async def embeddings(
         accounting=accounting,
         limiter=request.app.state.inference_limiter,
         request_id=request_id,
+        secret=settings.server_secret.get_secret_value().encode(),
+        expose_defense=settings.expose_defense,
         charge=settings.accounting_enabled,
     )
     response.headers.update(headers)

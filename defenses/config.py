@@ -1,0 +1,57 @@
+"""Which defenses a served model applies: ``defenses.json`` beside the model's ``card.json``.
+
+    {"default": [{"name": "reverse_sigmoid", "beta": 0.7, "gamma": 0.2}, {"name": "top_k", "k": 3}],
+     "tiers": {"research": []}}
+
+``default`` is the pipeline for every key; ``tiers`` overrides it for keys of a tier (an empty list
+serves that tier undefended). The file lives apart from the card so an operator can change a model's
+defenses without touching the trained artefact. A missing file means undefended. Every spec is
+built when the server starts, so a typo stops the start-up with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from defenses.base import DefensePipeline, ModelKind
+
+DEFENSES_FILE = "defenses.json"
+DEFAULT_TIER = "*"
+
+
+class DefenseConfig(BaseModel):
+    """Pipelines of one model: a default and per-tier overrides (lists of ``{"name", **params}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: list[dict[str, Any]] = Field(default_factory=list)
+    tiers: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+
+    def pipelines(self, kind: ModelKind) -> dict[str, DefensePipeline]:
+        """``{"*": default pipeline, tier: pipeline, ...}``, every spec built and checked."""
+        out = {DEFAULT_TIER: DefensePipeline.from_specs(self.default, kind)}
+        for tier, specs in self.tiers.items():
+            out[tier] = DefensePipeline.from_specs(specs, kind)
+        return out
+
+
+def load_defense_config(folder: str | Path) -> DefenseConfig:
+    """Read ``folder/defenses.json`` (an empty config if there is none); errors name the file."""
+    path = Path(folder) / DEFENSES_FILE
+    if not path.is_file():
+        return DefenseConfig()
+    try:
+        return DefenseConfig.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"invalid defense config {path}: {exc}") from exc
+
+
+def write_defense_config(folder: str | Path, config: DefenseConfig) -> Path:
+    """Write ``folder/defenses.json``."""
+    path = Path(folder) / DEFENSES_FILE
+    path.write_text(config.model_dump_json(indent=2) + "\n")
+    return path
