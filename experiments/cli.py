@@ -2,6 +2,7 @@
 
 - victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
 - attacker side (``attacker_client/cli.py``): ``attack list|params|rda|stolen-encoder|...``
+- defenses (``defenses/cli.py``): ``defenses list|cost``
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from attacker_client.cli import attack_app
+from defenses.cli import defenses_app
 from server import cli as server_cli
 
 app = typer.Typer(
@@ -22,6 +24,7 @@ app.command("serve")(server_cli.serve)
 app.command("train-victim")(server_cli.train_victim_command)
 app.add_typer(server_cli.keys_app, name="keys")
 app.add_typer(attack_app, name="attack")
+app.add_typer(defenses_app, name="defenses")
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,66 @@
+"""``stealrange defenses ...``: list the defenses, and measure what one costs honest users.
+
+    stealrange defenses list
+    stealrange defenses cost --model model_store/fmnist-classifier \\
+        --defense "reverse_sigmoid(beta=0.7, gamma=0.2)" --defense "top_k(k=3)"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import defenses.output  # noqa: F401  (registers the output defenses)
+from defenses.base import defense_class, list_defenses
+from defenses.cost import defense_cost, parse_defense
+
+defenses_app = typer.Typer(help="Output defenses: list them, measure their cost.", no_args_is_help=True)
+_console = Console()
+
+
+@defenses_app.command("list")
+def list_command() -> None:
+    """Every defense with its model kinds, parameters (defaults) and paper."""
+    table = Table("defense", "for", "parameters (defaults)", "paper")
+    for name in list_defenses():
+        cls = defense_class(name)
+        params = ", ".join(
+            f"{field}={json.dumps(info.get_default(call_default_factory=True))}"
+            for field, info in cls.Params.model_fields.items()
+        )
+        table.add_row(name, ", ".join(sorted(cls.kinds)), params or "-", cls.paper)
+    _console.print(table)
+
+
+@defenses_app.command("cost")
+def cost_command(
+    model: Annotated[Path, typer.Option(help="a model's checkpoint folder in the model store")],
+    defense: Annotated[
+        list[str], typer.Option("--defense", "-d", help="name or name(param=value, ...), in order (repeat)")
+    ],
+    images: Annotated[int, typer.Option(min=10, help="held-out test images")] = 2000,
+    probe_train_size: Annotated[
+        int, typer.Option(min=10, help="encoders: benign probe's training images")
+    ] = 5000,
+    data_root: Annotated[Path | None, typer.Option(envvar="STEALRANGE_DATA_ROOT")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What the defense pipeline costs honest users of MODEL on held-out data."""
+    try:
+        specs = [parse_defense(text) for text in defense]
+        result = defense_cost(model, specs, n=images, probe_train_size=probe_train_size, data_root=data_root)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("measure", "value", title=f"{result['model']}: {result['defense']}")
+    for name, value in result.items():
+        if isinstance(value, float):
+            table.add_row(name, f"{value:.4f}")
+    _console.print(table)
