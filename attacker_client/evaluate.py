@@ -106,7 +106,7 @@ def recovered_fraction(
     surrogate: dict[str, dict[str, float]],
     victim: dict[str, dict[str, float]],
     untrained: dict[str, dict[str, float]],
-    min_gain: float = 0.005,
+    min_gain: float = 0.02,
 ) -> dict[str, dict[str, float | None]]:
     """``(surrogate - untrained) / (victim - untrained)`` per set and metric: the share of what the
     victim's training added over a random network that the attack recovered (``None`` where the
