@@ -36,6 +36,7 @@ def trained_encoder_store(root: Path) -> Path:
     """A model store with ``enc``: a small CNN encoder whose backbone is a classifier's trained for
     a few dozen steps on synthetic images (a random network is a degenerate victim: it embeds
     everything alike and its features are slow to imitate)."""
+    torch.manual_seed(1)  # the initial weights, whatever ran before
     classifier = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=64)
     train_classifier(
         classifier,
