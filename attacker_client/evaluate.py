@@ -143,8 +143,10 @@ def evaluate_stealing(
     result["untrained_fidelity"] = None
     for role in features:
         result[role] = {}
+    first_test: ImageData | None = None
     for name in cfg.downstream:
         train, test = downstream_data(name, spec, cfg)
+        first_test = test if first_test is None else first_test
         for role, fn in features.items():
             result[role][name] = probe_scores(fn, train, test, cfg, device)
     if victim is not None:
@@ -158,9 +160,8 @@ def evaluate_stealing(
             result["recovered"] = recovered_fraction(
                 result["surrogate"], result["victim"], result["untrained"]
             )
-        if cfg.downstream:
-            _, test = downstream_data(cfg.downstream[0], spec, cfg)
-            held_out = _cap(test, cfg.fidelity_size).images
+        if first_test is not None:
+            held_out = _cap(first_test, cfg.fidelity_size).images
             reference = features["victim"](held_out)
             result["fidelity"] = embedding_fidelity(features["surrogate"](held_out), reference)
             if untrained is not None:
