@@ -40,10 +40,20 @@ SURROGATE_STD = 0.5
 VIEW_CHUNK = 256  # samples per view-generation call; fixed so the random stream never depends on it
 
 
-def view_generator(preset: ViewPreset) -> ViewGenerator | None:
-    """The :class:`ViewGenerator` of a preset name (``none``: the clean image)."""
+class CleanViews(ViewGenerator):
+    """The ``none`` preset: every view is the clean image (same interface, no randomness drawn)."""
+
+    def __init__(self) -> None:
+        super().__init__(ViewConfig())
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x.to(torch.float32, copy=True)
+
+
+def view_generator(preset: ViewPreset) -> ViewGenerator:
+    """The :class:`ViewGenerator` of a preset name (``none``: :class:`CleanViews`)."""
     if preset == "none":
-        return None
+        return CleanViews()
     return ViewGenerator(getattr(ViewConfig, preset)())
 
 
@@ -159,7 +169,7 @@ class EncoderAttack(abc.ABC):
 
     @staticmethod
     def make_views(
-        images: torch.Tensor, n_views: int, views: ViewGenerator | None, generator: torch.Generator
+        images: torch.Tensor, n_views: int, views: ViewGenerator, generator: torch.Generator
     ) -> torch.Tensor:
         """``n_views`` uint8 views of every uint8 image, made on the CPU: ``[n, n_views, C, H, W]``.
 
@@ -168,11 +178,7 @@ class EncoderAttack(abc.ABC):
         """
         out = torch.empty((images.shape[0], n_views, *images.shape[1:]), dtype=torch.uint8)
         for start in range(0, images.shape[0], VIEW_CHUNK):
-            x = images[start : start + VIEW_CHUNK].float() / 255.0
-            if views is None:
-                v = x.unsqueeze(0).expand(n_views, *x.shape)
-            else:
-                v = views.views(x, n_views, generator)
+            v = views.views(images[start : start + VIEW_CHUNK].float() / 255.0, n_views, generator)
             out[start : start + VIEW_CHUNK] = to_uint8(v).transpose(0, 1)
         return out
 

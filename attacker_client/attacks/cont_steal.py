@@ -77,7 +77,7 @@ class ContSteal(EncoderAttack):
 
         def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
-            v = x if views is None else views(x, generator)
+            v = views(x, generator)
             with autocast(device):
                 z = F.normalize(surrogate.features(v).float(), dim=1)
             pick = torch.randint(p.query_views, (len(batch),), generator=generator)

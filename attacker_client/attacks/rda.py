@@ -101,11 +101,7 @@ class RDA(EncoderAttack):
 
         def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
-            v = (
-                x.unsqueeze(0).expand(p.train_views, *x.shape)
-                if views is None
-                else views.views(x, p.train_views, generator)
-            )
+            v = views.views(x, p.train_views, generator)
             with autocast(device):
                 z = surrogate.features(v.reshape(-1, *x.shape[1:]))
             z = F.normalize(z.float(), dim=1).view(p.train_views, len(batch), -1)

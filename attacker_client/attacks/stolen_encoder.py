@@ -82,7 +82,7 @@ class StolenEncoder(EncoderAttack):
 
         def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
-            augmented = x if views is None else views(x, generator)
+            augmented = views(x, generator)
             with autocast(device):
                 z = surrogate.features(torch.cat([x, augmented]))
             y = targets[batch.to(device)]

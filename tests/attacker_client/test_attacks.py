@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attacker_client.attacks import build_attack, list_attacks
-from attacker_client.attacks.base import EncoderAttack
+from attacker_client.attacks.base import EncoderAttack, view_generator
 from attacker_client.attacks.rda import RDA, build_prototypes
 from attacker_client.cli import parse_params
 from common.datasets import make_synthetic
@@ -153,3 +153,12 @@ def test_cli_param_parsing() -> None:
     }
     with pytest.raises(Exception, match="name=value"):
         parse_params(["epochs"])
+
+
+def test_none_preset_gives_the_clean_image() -> None:
+    views = EncoderAttack.make_views(POOL.images[:3], 2, view_generator("none"), torch.Generator())
+    assert torch.equal(views, POOL.images[:3].unsqueeze(1).expand(3, 2, 1, 28, 28))
+    result = build_attack("stolen_encoder", {**TINY, "train_view": "none"}).steal(
+        CountingOracle(), POOL, 16, CPU, progress=False
+    )
+    assert result.queries == 16
