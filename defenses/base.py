@@ -10,6 +10,17 @@ Random defenses draw their noise from :meth:`DefenseContext.generator`, seeded b
 HMAC-SHA256(server secret, key id | model | input digest | defense salt): the same key asking the
 same image again gets the same answer (so noise cannot be averaged away by re-asking), another key
 gets other noise, and nobody without the server secret can predict it.
+
+Two optional hooks serve the defenses that need more than the outputs:
+
+- :meth:`OutputDefense.bind` hands a defense the served model, its card and its folder when the
+  server loads it (MAD builds its gradient proxy from the architecture; Adaptive Misinformation
+  loads its misinformation model from the folder). The context then carries the model's ``inputs``.
+- Stateful defenses (``stateful = True``, e.g. B4B) keep per-key state in Redis:
+  :meth:`OutputDefense.observe` runs in the event loop before :meth:`OutputDefense.apply`, updates
+  the state through a :class:`defenses.state.DefenseStore` and leaves what ``apply`` needs in
+  ``context.state[defense.name]``. State lives in Redis, never in a worker, so it holds across
+  workers and replicas.
 """
 
 from __future__ import annotations
@@ -18,12 +29,18 @@ import abc
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from common.checkpoints import ModelCard
+    from common.models import ImageModel
+    from defenses.state import DefenseStore
 
 ModelKind = Literal["classifier", "encoder"]
 
@@ -40,12 +57,23 @@ def image_digests(images: np.ndarray) -> list[bytes]:
 
 @dataclass(frozen=True)
 class DefenseContext:
-    """Who asks what: the key, the model, one digest per input image, and the server's secret."""
+    """Who asks what: the key, the model, one digest per input image, and the server's secret.
+
+    ``inputs`` are the model's input images as ``[0, 1]`` floats (for defenses that look at them);
+    ``state`` is where stateful defenses leave, per request, what they read from Redis.
+    """
 
     key_id: str
     model: str
     digests: Sequence[bytes]
     secret: bytes = b""
+    inputs: torch.Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def keyed_seed(self, salt: str) -> int:
+        """A 63-bit seed of (secret, key, model, ``salt``) alone: the same for every image of a key."""
+        message = b"|".join([self.key_id.encode(), self.model.encode(), salt.encode()])
+        return int.from_bytes(hmac.new(self.secret, message, hashlib.sha256).digest()[:8], "big") >> 1
 
     def seed(self, index: int, salt: str) -> int:
         """A 63-bit seed for image ``index`` of the batch and a defense ``salt``."""
@@ -74,6 +102,8 @@ class OutputDefense(abc.ABC):
     paper: ClassVar[str]
     kinds: ClassVar[frozenset[ModelKind]]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
+    stateful: ClassVar[bool] = False  # keeps per-key state in Redis (see observe)
+    needs_model: ClassVar[bool] = False  # must be bound to the served model before use
 
     def __init__(self, params: DefenseParams | dict[str, Any] | None = None, **overrides: Any) -> None:
         base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
@@ -82,6 +112,12 @@ class OutputDefense(abc.ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
         return f"{self.name}({fields})"
+
+    def bind(self, model: ImageModel, card: ModelCard, folder: Path | None) -> None:  # noqa: B027
+        """Called once when the server (or ``defenses cost``) loads the model; a no-op by default."""
+
+    async def observe(self, outputs: torch.Tensor, context: DefenseContext, store: DefenseStore) -> None:  # noqa: B027
+        """Stateful defenses: update per-key state from the undefended ``outputs`` (a no-op by default)."""
 
     @abc.abstractmethod
     def apply(self, outputs: torch.Tensor, context: DefenseContext) -> torch.Tensor:
@@ -137,6 +173,21 @@ class DefensePipeline:
 
     def __bool__(self) -> bool:
         return bool(self.defenses)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any defense keeps per-key state (the request path then awaits :meth:`observe`)."""
+        return any(d.stateful for d in self.defenses)
+
+    def bind(self, model: ImageModel, card: ModelCard, folder: Path | None) -> None:
+        for defense in self.defenses:
+            defense.bind(model, card, folder)
+
+    async def observe(self, outputs: torch.Tensor, context: DefenseContext, store: DefenseStore) -> None:
+        """Every stateful defense observes the undefended outputs, in pipeline order."""
+        for defense in self.defenses:
+            if defense.stateful:
+                await defense.observe(outputs, context, store)
 
     def __repr__(self) -> str:
         return " -> ".join(map(repr, self.defenses)) or "undefended"

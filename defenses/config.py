@@ -1,11 +1,13 @@
 """Which defenses a served model applies: ``defenses.json`` beside the model's ``card.json``.
 
     {"default": [{"name": "reverse_sigmoid", "beta": 0.7, "gamma": 0.2}, {"name": "top_k", "k": 3}],
-     "tiers": {"research": []}}
+     "tiers": {"research": []},
+     "detector": {"name": "prada", "delta": 0.95, "action": "refuse"}}
 
 ``default`` is the pipeline for every key; ``tiers`` overrides it for keys of a tier (an empty list
-serves that tier undefended). The file lives apart from the card so an operator can change a model's
-defenses without touching the trained artefact. A missing file means undefended. Every spec is
+serves that tier undefended). ``detector`` (optional) watches every key's query stream (PRADA).
+The file lives apart from the card so an operator can change a model's defenses without touching
+the trained artefact. A missing file means undefended. Every spec is
 built when the server starts, so a typo stops the start-up with a message naming the file.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from defenses.base import DefensePipeline, ModelKind
+from defenses.detectors import PRADA, build_detector
 
 DEFENSES_FILE = "defenses.json"
 DEFAULT_TIER = "*"
@@ -30,6 +33,7 @@ class DefenseConfig(BaseModel):
 
     default: list[dict[str, Any]] = Field(default_factory=list)
     tiers: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    detector: dict[str, Any] | None = None
 
     def pipelines(self, kind: ModelKind) -> dict[str, DefensePipeline]:
         """``{"*": default pipeline, tier: pipeline, ...}``, every spec built and checked."""
@@ -37,6 +41,14 @@ class DefenseConfig(BaseModel):
         for tier, specs in self.tiers.items():
             out[tier] = DefensePipeline.from_specs(specs, kind)
         return out
+
+    def build_detector(self, kind: ModelKind) -> PRADA | None:
+        """The configured detector, checked (its ``defend_with`` pipeline built), or None."""
+        if self.detector is None:
+            return None
+        detector = build_detector(self.detector)
+        detector.check(kind)
+        return detector
 
 
 def load_defense_config(folder: str | Path) -> DefenseConfig:

@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from defenses.state import DefenseStore
 from server import __version__
 from server.accounting import Accounting
 from server.errors import install_error_handlers
@@ -74,6 +75,7 @@ def create_app(
     app.state.registry = registry
     app.state.redis = redis
     app.state.accounting = Accounting(redis, settings.redis_prefix, settings.audit_maxlen)
+    app.state.defense_store = DefenseStore(redis, settings.redis_prefix)
     app.state.keys = KeyStore(redis, app.state.accounting, settings.key_pepper.get_secret_value())
     app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_threads)
     install_error_handlers(app)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from defenses.state import DefenseStore
 from server.accounting import Accounting
 from server.errors import AuthenticationError, PermissionDeniedError
 from server.keys import KeyRecord, KeyStore
@@ -34,10 +35,15 @@ def get_key_store(request: Request) -> KeyStore:
     return request.app.state.keys
 
 
+def get_defense_store(request: Request) -> DefenseStore:
+    return request.app.state.defense_store
+
+
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 AccountingDep = Annotated[Accounting, Depends(get_accounting)]
 KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
+DefenseStoreDep = Annotated[DefenseStore, Depends(get_defense_store)]
 
 
 async def get_api_key(

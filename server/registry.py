@@ -17,6 +17,7 @@ from common.checkpoints import CARD_FILE, ModelCard, OutputMode, load_checkpoint
 from common.models import ImageModel
 from defenses.base import DefenseContext, DefensePipeline
 from defenses.config import DEFAULT_TIER, load_defense_config
+from defenses.detectors import PRADA
 from server.errors import InvalidInputError, NotFoundError
 
 # Output tensor name -> the output mode a key's tier must allow to receive it.
@@ -48,6 +49,7 @@ class ServedModel:
     device: torch.device
     output_names: list[str] = field(default_factory=list)
     defenses: dict[str, DefensePipeline] = field(default_factory=dict)  # tier or "*" -> pipeline
+    detector: PRADA | None = None
 
     @property
     def name(self) -> str:
@@ -93,25 +95,33 @@ class ServedModel:
         )
 
     @torch.inference_mode()
-    def compute(
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The undefended outputs (embeddings, or probabilities) and, for classifiers, the logits."""
+        if self.card.kind == "encoder":
+            return self.model.features(x).float(), None
+        logits = self.model(x).float()
+        return torch.softmax(logits, dim=1), logits
+
+    @torch.inference_mode()
+    def finish(
         self,
-        x: torch.Tensor,
+        raw: tuple[torch.Tensor, torch.Tensor | None],
         outputs: list[str],
         top_k: int,
         pipeline: DefensePipeline | None = None,
         context: DefenseContext | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run the model once, apply the defense pipeline (to embeddings, or to probabilities), and
-        derive every requested output tensor from the defended values. A defended classifier's
+        """Apply the defense pipeline to :meth:`forward`'s outputs (embeddings, or probabilities)
+        and derive every requested output tensor from the defended values. A defended classifier's
         logits are ``log`` of its defended probabilities (zeros floored at 1e-30)."""
+        values, logits = raw
         if self.card.kind == "encoder":
-            embedding = self.model.features(x).float()
             if pipeline and context is not None:
-                embedding = pipeline.apply(embedding, context)
-            return {"embedding": embedding.cpu().numpy()}
-        logits = self.model(x).float()
+                values = pipeline.apply(values, context)
+            return {"embedding": values.cpu().numpy()}
+        assert logits is not None
         result: dict[str, np.ndarray] = {}
-        probabilities = torch.softmax(logits, dim=1)
+        probabilities = values
         if pipeline and context is not None:
             probabilities = pipeline.apply(probabilities, context).float()
             logits = torch.log(probabilities.clamp_min(1e-30))
@@ -127,6 +137,17 @@ class ServedModel:
                 result["top_k_indices"] = indices.cpu().numpy().astype(np.int64)
                 result["top_k_probabilities"] = values.cpu().numpy()
         return {name: result[name] for name in outputs}
+
+    def compute(
+        self,
+        x: torch.Tensor,
+        outputs: list[str],
+        top_k: int,
+        pipeline: DefensePipeline | None = None,
+        context: DefenseContext | None = None,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`forward` then :meth:`finish`: stateless pipelines only (stateful ones need Redis)."""
+        return self.finish(self.forward(x), outputs, top_k, pipeline, context)
 
 
 class ModelRegistry:
@@ -145,14 +166,27 @@ class ModelRegistry:
         for folder in sorted(p for p in store.iterdir() if (p / CARD_FILE).is_file()):
             try:
                 model, card = load_checkpoint(folder, device)
-                pipelines = load_defense_config(folder).pipelines(card.kind)
+                config = load_defense_config(folder)
+                pipelines = config.pipelines(card.kind)
+                detector = config.build_detector(card.kind)
+                bound = [
+                    *pipelines.values(),
+                    *([detector.fallback] if detector and detector.fallback else []),
+                ]
+                for pipeline in bound:
+                    pipeline.bind(model, card, folder)
             except Exception as exc:
                 raise ModelStoreError(f"cannot serve {folder}: {exc}") from exc
             if card.name in models:
                 raise ModelStoreError(f"two checkpoints are named {card.name!r} in {store}")
             names = ["embedding"] if card.kind == "encoder" else [n for n in OUTPUT_MODES if n != "embedding"]
             models[card.name] = ServedModel(
-                card=card, model=model, device=device, output_names=names, defenses=pipelines
+                card=card,
+                model=model,
+                device=device,
+                output_names=names,
+                defenses=pipelines,
+                detector=detector,
             )
         return cls(models)
 

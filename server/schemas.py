@@ -149,6 +149,9 @@ class Usage(BaseModel):
     remaining: int = Field(description="-1 = unlimited")
     rate: RatePolicy
     revoked: bool
+    flags: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="detections by model, e.g. PRADA's extraction_suspected"
+    )
 
 
 class KeyList(BaseModel):

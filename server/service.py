@@ -15,6 +15,7 @@ import torch
 
 from common.wire import BINARY_CONTENT_TYPE, WireError, datatype_of, pack_binary, tensor_from_json
 from defenses.base import DefenseContext, image_digests
+from defenses.state import DefenseStore
 from server.accounting import Accounting, ChargeStatus, rate_limit_headers
 from server.errors import (
     AuthenticationError,
@@ -88,30 +89,65 @@ async def charged_inference(
     secret: bytes = b"",
     expose_defense: bool = False,
     charge: bool = True,
+    store: DefenseStore | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Charge ``len(images)`` queries, run the model behind the key's tier's defense pipeline, refund
     if it fails; returns outputs + headers.
 
     The defenses' noise is keyed by (``secret``, key, model, image digest). ``expose_defense`` names
     the pipeline in an ``x-stealrange-defense`` header. ``charge=False`` (the ``accounting_enabled``
-    setting, for benchmarks) skips the accounting.
+    setting, for benchmarks) skips the accounting. Stateful defenses and the model's detector keep
+    their state in ``store`` (Redis): a key the detector flagged is refused (403
+    ``extraction_suspected``, before any charge) or served through the detector's stronger pipeline.
     """
     x: torch.Tensor = served.to_model_input(images)
     n = int(x.shape[0])
     mode = ",".join(sorted({OUTPUT_MODES[o] for o in outputs}))
     pipeline = served.pipeline_for(key.tier)
+    detector = served.detector if store is not None else None
+    if detector is not None and detector.params.action != "flag":
+        assert store is not None
+        flag = await detector.flag_of(store, key.key_id, served.name)
+        if flag is not None and detector.params.action == "refuse":
+            raise PermissionDeniedError(
+                f"this key is suspected of model extraction on {served.name!r} (PRADA, W={flag['w']:.3f} "
+                f"< {flag['delta']}); queries are refused",
+                code="extraction_suspected",
+            )
+        if flag is not None and detector.fallback is not None:
+            pipeline = detector.fallback
+    if pipeline.stateful and store is None:
+        raise ServiceUnavailableError(
+            "a stateful defense needs the defense store", code="defense_unavailable"
+        )
     context = (
-        DefenseContext(key_id=key.key_id, model=served.name, digests=image_digests(images), secret=secret)
+        DefenseContext(
+            key_id=key.key_id, model=served.name, digests=image_digests(images), secret=secret, inputs=x
+        )
         if pipeline
         else None
     )
     defense_headers = {"x-stealrange-defense": repr(pipeline)} if expose_defense else {}
 
-    def run() -> dict[str, np.ndarray]:
-        return served.compute(x, outputs, top_k, pipeline, context)
+    async def run() -> dict[str, np.ndarray]:
+        if detector is None and not pipeline.stateful:  # one thread hop: the common, stateless path
+            return await anyio.to_thread.run_sync(
+                lambda: served.compute(x, outputs, top_k, pipeline, context), limiter=limiter
+            )
+        raw = await anyio.to_thread.run_sync(served.forward, x, limiter=limiter)
+        if detector is not None:
+            assert store is not None
+            classes = raw[0].argmax(dim=1).tolist() if served.card.kind == "classifier" else [0] * n
+            await detector.observe(store, key.key_id, served.name, x, classes)
+        if pipeline.stateful:
+            assert store is not None and context is not None
+            await pipeline.observe(raw[0], context, store)
+        return await anyio.to_thread.run_sync(
+            lambda: served.finish(raw, outputs, top_k, pipeline, context), limiter=limiter
+        )
 
     if not charge:
-        return await anyio.to_thread.run_sync(run, limiter=limiter), defense_headers
+        return await run(), defense_headers
     result = await accounting.charge(key.key_id, n, served.name, mode, request_id)
     headers = rate_limit_headers(result, key.burst, key.rate)
     if result.status is ChargeStatus.RATE_LIMITED:
@@ -141,7 +177,7 @@ async def charged_inference(
     if result.status in (ChargeStatus.UNKNOWN_KEY, ChargeStatus.REVOKED):
         raise AuthenticationError("invalid API key")
     try:
-        values = await anyio.to_thread.run_sync(run, limiter=limiter)
+        values = await run()
     except Exception as exc:
         await accounting.refund(key.key_id, n, served.name, mode, request_id)
         raise ServiceUnavailableError(

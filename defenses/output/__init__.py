@@ -1,11 +1,14 @@
-"""Stateless output defenses, one per file, registered by name on import."""
+"""Output defenses, one per file, registered by name on import (B4B is the stateful one)."""
 
 from defenses.output import (
+    adaptive_misinformation,
+    b4b,
     embedding_noise,
     embedding_rounding,
     embedding_top_k,
     high_confidence,
     label_only,
+    mad,
     probability_noise,
     reverse_sigmoid,
     rounding,
@@ -13,11 +16,14 @@ from defenses.output import (
 )
 
 __all__ = [
+    "adaptive_misinformation",
+    "b4b",
     "embedding_noise",
     "embedding_rounding",
     "embedding_top_k",
     "high_confidence",
     "label_only",
+    "mad",
     "probability_noise",
     "reverse_sigmoid",
     "rounding",

@@ -1,10 +1,14 @@
-"""Admin endpoints (``Authorization: Bearer <admin token>``): create, list, show, revoke keys."""
+"""Admin endpoints (``Authorization: Bearer <admin token>``): create, list, show, revoke keys; a key's
+audit stream and defense state."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Query
 
-from server.deps import AccountingDep, AdminDep, KeyStoreDep
+from defenses.output.b4b import B4B
+from server.deps import AccountingDep, AdminDep, DefenseStoreDep, KeyStoreDep, RegistryDep
 from server.errors import NotFoundError
 from server.keys import CreatedKey, KeyRecord, KeySpec
 from server.schemas import KeyList
@@ -47,3 +51,23 @@ async def audit(
     if await keys.get(key_id) is None:
         raise NotFoundError(f"key {key_id!r} not found", code="key_not_found")
     return await accounting.audit_events(key_id, count)
+
+
+@router.get("/keys/{key_id}/defenses", summary="A key's defense state: B4B coverage, PRADA statistics, flags")
+async def defense_state(
+    key_id: str, keys: KeyStoreDep, registry: RegistryDep, store: DefenseStoreDep
+) -> dict[str, Any]:
+    if await keys.get(key_id) is None:
+        raise NotFoundError(f"key {key_id!r} not found", code="key_not_found")
+    models: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        served = registry.models[name]
+        state: dict[str, Any] = {}
+        for defense in {id(d): d for p in served.defenses.values() for d in p.defenses}.values():
+            if isinstance(defense, B4B):
+                state["b4b"] = await defense.coverage(store, key_id, name)
+        if served.detector is not None:
+            state["prada"] = await served.detector.state(store, key_id, name)
+        if state:
+            models[name] = state
+    return {"key_id": key_id, "models": models, "flags": await store.flags(key_id)}

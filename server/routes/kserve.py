@@ -203,6 +203,7 @@ async def infer(
         secret=settings.server_secret.get_secret_value().encode(),
         expose_defense=settings.expose_defense,
         charge=settings.accounting_enabled,
+        store=request.app.state.defense_store,
     )
     body, media_type, length = encode_infer_response(served, infer_request, values, request_id)
     if length is not None:

@@ -94,6 +94,7 @@ async def embeddings(
         secret=settings.server_secret.get_secret_value().encode(),
         expose_defense=settings.expose_defense,
         charge=settings.accounting_enabled,
+        store=request.app.state.defense_store,
     )
     response.headers.update(headers)
     vectors = values["embedding"].astype("<f4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.deps import ApiKeyDep
+from server.deps import ApiKeyDep, DefenseStoreDep
 from server.errors import ERROR_RESPONSES
 from server.schemas import RatePolicy, Usage
 
@@ -17,7 +17,7 @@ router = APIRouter(tags=["Usage"])
     summary="This key's budget, usage and rate policy",
     responses={401: ERROR_RESPONSES[401]},
 )
-async def usage(key: ApiKeyDep) -> Usage:
+async def usage(key: ApiKeyDep, store: DefenseStoreDep) -> Usage:
     remaining = -1 if key.budget < 0 else max(0, key.budget - key.used)
     return Usage(
         key_id=key.key_id,
@@ -29,4 +29,5 @@ async def usage(key: ApiKeyDep) -> Usage:
         remaining=remaining,
         rate=RatePolicy(images_per_second=key.rate, burst=key.burst),
         revoked=key.revoked,
+        flags=await store.flags(key.key_id),
     )

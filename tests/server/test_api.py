@@ -263,6 +263,7 @@ def test_v1_models_and_usage(client: TestClient) -> None:
         "remaining": 50,
         "rate": {"images_per_second": 2.5, "burst": 7},
         "revoked": False,
+        "flags": {},
     }
     _, unlimited = create_key(client, budget=-1)
     assert client.get("/v1/usage", headers=unlimited).json()["remaining"] == -1
