@@ -20,8 +20,8 @@ attacker's model; the paper finds a randomly initialised surrogate suffices; the
 cannot serve, since ``G^T y = 0`` when ``F`` is the model that produced ``y``). ``G`` is taken over
 every parameter (``jacobian="all"``, the paper's default) or only the last linear layer
 (``"last_layer"``, much cheaper: ``G`` over all 0.9 M parameters of the quick classifier costs
-about 60 ms per image on a 2-core CPU). Defaults: ``epsilon`` = 0.5 in L1 (the paper sweeps 0 to 2; at 1.0 a confident
-answer moves half-way to another class and its top-1 label flips).
+about 60 ms per image on a 2-core CPU). Defaults: ``epsilon`` = 0.5 in L1 (the paper sweeps 0 to 2;
+at 1.0 a confident answer moves half-way to another class and its top-1 label flips).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def test_classifier_cost(store: Path) -> None:
     assert label["agreement"] == 1.0 and label["accuracy_drop"] == 0.0 and label["l1"] > 0 and label["kl"] > 0
     noisy = defense_cost(store / "clf", [{"name": "probability_noise", "scale": 1.0}], n=200)
     assert noisy["agreement"] < 1.0
+    mad = defense_cost(store / "clf", [{"name": "mad", "epsilon": 0.2, "jacobian": "last_layer"}], n=64)
+    assert 0 < mad["l1"] <= 0.2 + 1e-6
 
 
 def test_encoder_cost(store: Path) -> None:
@@ -64,6 +66,15 @@ def test_encoder_cost(store: Path) -> None:
         store / "enc", [{"name": "embedding_noise", "sigma": 2.0}], n=200, probe_train_size=300
     )
     assert noisy["cosine"] < 0.9
+    # B4B: the honest user's coverage grows over its queries (state in an embedded Redis); with no
+    # noise the per-key affine map leaves a linear probe's accuracy unchanged.
+    mapped = defense_cost(store / "enc", [{"name": "b4b", "alpha": 0.0}], n=200, probe_train_size=300)
+    assert mapped["linear_probe"] == pytest.approx(mapped["defended_linear_probe"], abs=0.03)
+    assert mapped["cosine"] < 0.9
+    priced = defense_cost(
+        store / "enc", [{"name": "b4b", "n_bits": 2, "alpha": 1.0}], n=200, probe_train_size=300
+    )
+    assert priced["defended_linear_probe"] < mapped["defended_linear_probe"]
 
 
 def test_cli(store: Path) -> None:
