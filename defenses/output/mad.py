@@ -48,7 +48,12 @@ class MADParams(DefenseParams):
     jacobian: Literal["all", "last_layer"] = Field("all", description="parameters G is taken over")
     preserve_argmax: bool = Field(False, description="MAD-argmax: keep the top-1 label")
     proxy_seed: int = Field(0, description="seed of the proxy's random initialisation")
-    chunk: int = Field(4, ge=1, description="images per Jacobian evaluation (memory: chunk x C x P floats)")
+    chunk: int | None = Field(
+        None,
+        ge=1,
+        description="images per Jacobian evaluation (memory: chunk x C x P floats); "
+        "default 4 for all parameters, 256 for the last layer",
+    )
 
 
 def reinitialised(model: nn.Module, seed: int) -> nn.Module:
@@ -143,8 +148,9 @@ class MAD(OutputDefense):
         """The best vertex per image, ``G`` computed ``chunk`` images at a time and then dropped."""
         if self.proxy is None:
             raise RuntimeError("mad needs the served model: call bind() first")
+        chunk = self.params.chunk or (256 if self.params.jacobian == "last_layer" else 4)
         best = []
-        for xs, ys in zip(x.split(self.params.chunk), y.split(self.params.chunk), strict=True):
+        for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
             G = log_likelihood_jacobian(self.proxy, xs.cpu().float(), list(self.names))
             best.append(vertex_objectives(G, ys.float()).argmax(dim=1))
         return torch.cat(best)
