@@ -106,8 +106,11 @@ class BaseVictimClient:
         cache: ResponseCache | str | Path | None = None,
         headers: dict[str, str] | None = None,
         progress: bool | None = None,
+        cache_namespace: str | None = None,
     ) -> None:
         """``cache``: a :class:`ResponseCache` or a path to open one at; None disables caching.
+        ``cache_namespace``: what cache entries are keyed by besides model and image (default: the
+        server URL; a stable name lets a cache survive the server moving to another port).
         ``progress``: draw a bar over the images of a multi-request query (``None``: on a terminal,
         unless ``STEALRANGE_NO_PROGRESS`` is set)."""
         if max_retries < 0:
@@ -117,6 +120,7 @@ class BaseVictimClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.cache = ResponseCache(cache) if isinstance(cache, str | Path) else cache
+        self.cache_namespace = cache_namespace or self.base_url
         self._owns_cache = isinstance(cache, str | Path)
         self.extra_headers = dict(headers or {})
         self.progress = progress
@@ -217,7 +221,7 @@ class BaseVictimClient:
         """Cache look-up, then the uncached images split into chunks of at most ``max_batch``."""
         n = len(images)
         if self.cache is not None:
-            keys = [entry_key(self.base_url, model, mode_key, image) for image in images]
+            keys = [entry_key(self.cache_namespace, model, mode_key, image) for image in images]
             cached = self.cache.get_many(keys)
         else:
             keys, cached = [], {}

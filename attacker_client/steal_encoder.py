@@ -59,6 +59,9 @@ class EncoderStealingConfig(BaseModel):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     untrained_reference: bool = Field(True, description="also score an untrained surrogate")
     progress: bool | None = None
+    cache_namespace: str | None = Field(
+        None, description="keys the query cache instead of the URL (the range: stable across ports)"
+    )
 
 
 def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:
@@ -109,7 +112,11 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     with VictimClient(
-        config.url, config.key.get_secret_value(), cache=out / CACHE_FILE, progress=config.progress
+        config.url,
+        config.key.get_secret_value(),
+        cache=out / CACHE_FILE,
+        progress=config.progress,
+        cache_namespace=config.cache_namespace,
     ) as client:
         metadata = client.model_metadata(config.model)
         if metadata["kind"] != "encoder":

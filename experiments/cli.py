@@ -2,7 +2,8 @@
 
 - victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
 - attacker side (``attacker_client/cli.py``): ``attack list|params|rda|stolen-encoder|...``
-- defenses (``defenses/cli.py``): ``defenses list|cost``
+- defenses (``defenses/cli.py``): ``defenses list|cost|train-misinformation``
+- the range (``experiments/range_cli.py``): ``run SCENARIO``, ``report RUN_DIR``
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import typer
 
 from attacker_client.cli import attack_app
 from defenses.cli import defenses_app
+from experiments import range_cli
 from server import cli as server_cli
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+app.command("run")(range_cli.run_command)
+app.command("report")(range_cli.report_command)
 app.command("up")(server_cli.up)
 app.command("serve")(server_cli.serve)
 app.command("train-victim")(server_cli.train_victim_command)

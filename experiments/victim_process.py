@@ -7,6 +7,7 @@ and the tests.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -55,8 +56,12 @@ def victim_process(
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 120.0,
     log_level: str = "warning",
+    pid_file: Path | None = None,
 ) -> Iterator[str]:
-    """Serve ``create_app`` with uvicorn on a free port; yields the base URL once ready."""
+    """Serve ``create_app`` with uvicorn on a free port; yields the base URL once ready.
+
+    ``pid_file``: where to write ``{"pid", "url"}`` while it runs (removed when it stops), so a
+    supervisor (or a test) can check that nothing is left behind."""
     port = free_port()
     environment = {**os.environ, "STEALRANGE_MODEL_STORE": str(model_store), **(env or {})}
     if redis_url:
@@ -78,6 +83,8 @@ def victim_process(
     ]
     proc = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    if pid_file is not None:
+        pid_file.write_text(json.dumps({"pid": proc.pid, "url": url}) + "\n")
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -96,3 +103,5 @@ def victim_process(
         yield url
     finally:
         stop_process_group(proc)
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)

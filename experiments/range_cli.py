@@ -1,0 +1,52 @@
+"""``stealrange run SCENARIO`` and ``stealrange report RUN_DIR``: the range's two commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from experiments.report import build_report
+from experiments.runner import console, run_scenario
+from experiments.scenario import ScenarioError, load_scenario
+
+
+def run_command(
+    scenario: Annotated[
+        Path, typer.Argument(help="a scenario YAML file, e.g. experiments/scenarios/quick.yaml")
+    ],
+    runs: Annotated[Path, typer.Option(help="results go to RUNS/<scenario name>/")] = Path("runs"),
+    redis_url: Annotated[
+        str | None,
+        typer.Option(envvar="REDIS_URL", help="a real Redis for the victim API (default: embedded)"),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="forget finished cells and run them all again")
+    ] = False,
+    data_root: Annotated[Path | None, typer.Option(envvar="STEALRANGE_DATA_ROOT")] = None,
+) -> None:
+    """Run a scenario: victims x defenses x attacks x budgets, over HTTP; write results and report."""
+    try:
+        spec = load_scenario(scenario)
+    except ScenarioError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        run_dir = run_scenario(spec, runs=runs, redis_url=redis_url, resume=not fresh, data_root=data_root)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the victim API is stopped; rerun the command to resume[/yellow]")
+        raise typer.Exit(130) from None
+    console.print(f"report: {run_dir / 'report.md'}")
+
+
+def report_command(run_dir: Annotated[Path, typer.Argument(help="a run folder, e.g. runs/quick")]) -> None:
+    """Rebuild a run's report.md and plots from its results.jsonl."""
+    try:
+        path = build_report(run_dir)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"report: {path}")

@@ -1,0 +1,249 @@
+"""The range's report, rebuilt from ``results.jsonl`` alone (``stealrange report runs/<name>``).
+
+``report.md`` holds, per victim, a table with attacks as rows and defenses as columns, each cell
+giving at every budget the surrogate's linear-probe accuracy / the victim's, and the surrogate's
+cosine fidelity to the victim; the defenses' cost to honest users; failed cells with their errors;
+and the queries each key spent over time. Plots (PNG, matplotlib):
+
+- ``quality_vs_queries.png``: surrogate quality against queries spent, one line per defense, one
+  column per attack (fidelity on top, linear probe below);
+- ``tradeoff.png``: attack success at the largest budget against the defense's cost to honest
+  users (the trade-off frontier: a good defense sits low and to the left);
+- ``audit.png``: cumulative images charged against time, per key (from its audit stream).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.md"
+PLOTS = ("quality_vs_queries.png", "tradeoff.png", "audit.png")
+
+
+def read_results(run_dir: Path) -> list[dict[str, Any]]:
+    """Every line of ``results.jsonl``; a later line for the same cell replaces an earlier one."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    lines: dict[str, dict[str, Any]] = {}
+    for text in path.read_text().splitlines():
+        if text.strip():
+            line = json.loads(text)
+            lines[line["cell"]] = line
+    return list(lines.values())
+
+
+def _first(scores: dict[str, dict[str, float]] | None, metric: str) -> float | None:
+    """``metric`` on the first downstream set (the victim's own task comes first by default)."""
+    if not scores:
+        return None
+    return next(iter(scores.values())).get(metric)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _budget(b: int) -> str:
+    return f"{b // 1000}k" if b >= 1000 and b % 1000 == 0 else str(b)
+
+
+def _costs(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "costs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _served(line: dict[str, Any]) -> str:
+    return line["victim"] if line["defense"] == "none" else f"{line['victim']}--{line['defense']}"[:64]
+
+
+def cost_of(costs: dict[str, Any], line: dict[str, Any]) -> float | None:
+    """The defense's cost to honest users: their linear-probe accuracy drop (encoders)."""
+    cost = costs.get(_served(line))
+    return None if cost is None else cost.get("linear_probe_drop", cost.get("accuracy_drop"))
+
+
+def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
+    costs = _costs(run_dir)
+    ok = [line for line in lines if line["status"] == "ok"]
+    failed = [line for line in lines if line["status"] != "ok"]
+    name = ok[0]["scenario"] if ok else (failed[0]["scenario"] if failed else run_dir.name)
+    out = [f"# Range report: {name}", ""]
+    out.append(
+        f"{len(lines)} cells: {len(ok)} finished, {len(failed)} failed. Each table cell: at every budget, "
+        "the surrogate's linear-probe accuracy / the victim's on the first downstream set, and the "
+        "surrogate's cosine fidelity to the victim's embeddings on held-out images. Queries are those "
+        "the server charged (its usage), not what the attacker planned."
+    )
+    out.append("")
+    for victim in sorted({line["victim"] for line in lines}):
+        rows = [line for line in ok if line["victim"] == victim]
+        defenses = list(dict.fromkeys(line["defense"] for line in lines if line["victim"] == victim))
+        attacks = list(dict.fromkeys(line["attack"] for line in lines if line["victim"] == victim))
+        out += [
+            f"## {victim}",
+            "",
+            "| attack | " + " | ".join(defenses) + " |",
+            "|---" * (len(defenses) + 1) + "|",
+        ]
+        for attack in attacks:
+            cells = []
+            for defense in defenses:
+                parts = []
+                for line in sorted(
+                    (r for r in rows if r["attack"] == attack and r["defense"] == defense),
+                    key=lambda r: r["budget"],
+                ):
+                    s, v = (
+                        _first(line["surrogate"], "linear_probe"),
+                        _first(line["victim_quality"], "linear_probe"),
+                    )
+                    cosine = (line.get("fidelity") or {}).get("cosine")
+                    parts.append(f"{_budget(line['budget'])}: {_fmt(s)} / {_fmt(v)}, cos {_fmt(cosine)}")
+                for line in failed:
+                    if line["victim"] == victim and line["attack"] == attack and line["defense"] == defense:
+                        parts.append(f"{_budget(line['budget'])}: **{line.get('error_code') or 'failed'}**")
+                cells.append("<br>".join(parts) or "-")
+            out.append(f"| {attack} | " + " | ".join(cells) + " |")
+        untrained = [line["untrained_fidelity"]["cosine"] for line in rows if line.get("untrained_fidelity")]
+        if untrained:
+            out += ["", f"An untrained surrogate scores cos {min(untrained):.3f}-{max(untrained):.3f}."]
+        out.append("")
+    if costs:
+        out += [
+            "## Cost to honest users",
+            "",
+            "| served model | defense | cosine | linear probe | defended probe | drop |",
+        ]
+        out.append("|---|---|---|---|---|---|")
+        for served, cost in costs.items():
+            out.append(
+                f"| {served} | {cost.get('defense')} | {_fmt(cost.get('cosine'))} | "
+                f"{_fmt(cost.get('linear_probe'))} | {_fmt(cost.get('defended_linear_probe'))} | "
+                f"{_fmt(cost.get('linear_probe_drop'))} |"
+            )
+        out.append("")
+    out += ["## Plots", ""]
+    out += [f"![{plot}]({plot})" for plot in PLOTS if (run_dir / plot).is_file()]
+    out.append("")
+    out += ["## Queries per key (audit streams)", "", "| cell | images charged | events | seconds | flags |"]
+    out.append("|---|---|---|---|---|")
+    for line in lines:
+        audit = line.get("audit") or {}
+        flags = ", ".join(f"{m}: {f.get('flag')}" for m, f in (line.get("flags") or {}).items()) or "-"
+        out.append(
+            f"| {line['cell']} | {audit.get('images', '-')} | {audit.get('events', '-')} | "
+            f"{_fmt(audit.get('seconds'), 1)} | {flags} |"
+        )
+    if failed:
+        out += ["", "## Failed cells", ""]
+        out += [f"- `{line['cell']}`: {line.get('error')}" for line in failed]
+    wall = sum(line.get("wall_seconds", 0.0) for line in lines)
+    out += ["", f"Cells' wall time: {wall:.0f} s in all."]
+    return "\n".join(out) + "\n"
+
+
+def plots(run_dir: Path, lines: list[dict[str, Any]]) -> None:
+    """Write the three PNGs (see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [line for line in lines if line["status"] == "ok"]
+    if not ok:
+        return
+    attacks = list(dict.fromkeys(line["attack"] for line in ok))
+    defenses = list(dict.fromkeys(line["defense"] for line in ok))
+    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
+
+    fig, axes = plt.subplots(2, len(attacks), figsize=(4.2 * len(attacks), 6.5), squeeze=False, sharex="col")
+    for j, attack in enumerate(attacks):
+        for defense in defenses:
+            series = defaultdict(list)
+            for line in ok:
+                if line["attack"] == attack and line["defense"] == defense:
+                    series[line["victim"]].append(line)
+            for victim, rows in series.items():
+                rows.sort(key=lambda r: r["queries"]["spent"])
+                x = [r["queries"]["spent"] for r in rows]
+                label = defense if len(series) == 1 else f"{defense} ({victim})"
+                cos = [(r.get("fidelity") or {}).get("cosine") for r in rows]
+                lp = [_first(r["surrogate"], "linear_probe") for r in rows]
+                axes[0][j].plot(x, cos, "o-", color=colors[defense], label=label)
+                axes[1][j].plot(x, lp, "o-", color=colors[defense], label=label)
+        victim_lp = [
+            _first(line["victim_quality"], "linear_probe") for line in ok if line["attack"] == attack
+        ]
+        if any(v is not None for v in victim_lp):
+            axes[1][j].axhline(
+                max(v for v in victim_lp if v is not None), color="k", ls="--", lw=1, label="victim"
+            )
+        axes[0][j].set_title(attack)
+        axes[0][j].set_ylabel("cosine fidelity to the victim")
+        axes[1][j].set_ylabel("linear probe accuracy")
+        axes[1][j].set_xlabel("queries spent (server usage)")
+        axes[0][j].grid(alpha=0.3)
+        axes[1][j].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Surrogate quality vs queries, per defense")
+    fig.tight_layout()
+    fig.savefig(run_dir / "quality_vs_queries.png", dpi=110)
+    plt.close(fig)
+
+    costs = _costs(run_dir)
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    markers = "osD^v<>p*h"
+    for i, attack in enumerate(attacks):
+        for defense in defenses:
+            rows = [r for r in ok if r["attack"] == attack and r["defense"] == defense]
+            if not rows:
+                continue
+            top = max(rows, key=lambda r: r["budget"])
+            cost, cosine = cost_of(costs, top), (top.get("fidelity") or {}).get("cosine")
+            if cost is None or cosine is None:
+                continue
+            ax.scatter(cost, cosine, color=colors[defense], marker=markers[i % len(markers)], s=60)
+            ax.annotate(
+                f"{defense}/{attack}", (cost, cosine), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+    ax.set_xlabel("cost to honest users (linear-probe accuracy drop)")
+    ax.set_ylabel("attack success at the largest budget (cosine fidelity)")
+    ax.set_title("Defense trade-off: low and to the left is better")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "tradeoff.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for line in lines:
+        series = (line.get("audit") or {}).get("series") or []
+        if series:
+            t, n = zip(*series, strict=True)
+            ax.plot(t, n, color=colors.get(line["defense"], "grey"), alpha=0.7, lw=1)
+    for defense in defenses:
+        ax.plot([], [], color=colors[defense], label=defense)
+    ax.set_xlabel("seconds since the key's first charge")
+    ax.set_ylabel("images charged (cumulative)")
+    ax.set_title("Queries over time, one line per key")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "audit.png", dpi=110)
+    plt.close(fig)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Rebuild ``report.md`` and the plots of ``run_dir`` from its ``results.jsonl``."""
+    run_dir = Path(run_dir)
+    lines = read_results(run_dir)
+    if not lines:
+        raise FileNotFoundError(f"no results in {run_dir / RESULTS_FILE}")
+    plots(run_dir, lines)
+    path = run_dir / REPORT_FILE
+    path.write_text(markdown(run_dir, lines))
+    return path

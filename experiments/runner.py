@@ -1,0 +1,276 @@
+"""The range runner: one scenario, one victim API process, every cell through the SDK over HTTP.
+
+``run_scenario`` (``stealrange run SCENARIO.yaml``):
+
+1. trains (or reuses) each victim in the model store;
+2. builds the run's own store ``runs/<name>/store``: each victim copied once per defense, under
+   ``<victim>--<defense>``, with that defense's ``defenses.json``;
+3. measures each defense's cost to honest users once (``costs.json``, reused on a rerun);
+4. starts the victim API as its own process group on a free loopback port (embedded Redis, or
+   ``redis_url``) and stops it on every exit path, Ctrl-C included;
+5. per cell: creates an API key with the cell's budget and rate (admin API), runs the attack with
+   the attacker client (:func:`attacker_client.steal_encoder.steal_encoder`: queries over HTTP,
+   trains, evaluates), reads the key's audit stream, and appends one line to ``results.jsonl``;
+   a failing cell is recorded with its error and the run goes on;
+6. writes the report (:mod:`experiments.report`).
+
+A rerun resumes: cells already in ``results.jsonl`` with status ``ok`` are skipped; the others run
+again and find what they already paid for in their query cache (``cells/<id>/query_cache.sqlite``,
+keyed by scenario and served model, not by the port), so those queries cost nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+
+from attacker_client.errors import VictimAPIError
+from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from common.checkpoints import CARD_FILE, read_card
+from defenses.config import DefenseConfig, write_defense_config
+from defenses.cost import defense_cost
+from experiments.report import RESULTS_FILE, build_report, read_results
+from experiments.scenario import Cell, Scenario
+from experiments.victim_process import victim_process
+from experiments.victims import recipe_for, train_victim
+
+COSTS_FILE = "costs.json"
+VICTIM_FILE = "victim.json"
+AUDIT_POINTS = 100
+
+console = Console(stderr=True)
+
+
+def ensure_victims(scenario: Scenario, data_root: Path | None = None) -> dict[str, Path]:
+    """Each victim's checkpoint folder, trained from its recipe first when the store lacks it."""
+    folders: dict[str, Path] = {}
+    for victim in scenario.victims:
+        folder = scenario.model_store / victim.model
+        if victim.profile is not None:
+            recipe = recipe_for(victim.kind, victim.profile)
+            if recipe.name == victim.model:
+                train_victim(recipe, scenario.model_store, data_root=data_root)
+        if not (folder / CARD_FILE).is_file():
+            raise FileNotFoundError(
+                f"victim {victim.model!r} is not in {scenario.model_store} "
+                f"and no {victim.profile} recipe makes it"
+            )
+        folders[victim.model] = folder
+    return folders
+
+
+def build_range_store(scenario: Scenario, victims: dict[str, Path], store: Path) -> None:
+    """The run's model store: every victim once per defense, renamed, with its ``defenses.json``."""
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    for cell in {c.served_name: c for c in scenario.cells()}.values():
+        target = store / cell.served_name
+        shutil.copytree(victims[cell.victim.model], target)
+        card = read_card(target).model_copy(update={"name": cell.served_name})
+        (target / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
+        config = DefenseConfig(default=cell.defense.pipeline, detector=cell.defense.detector)
+        write_defense_config(target, config)
+
+
+def measure_costs(scenario: Scenario, store: Path, path: Path, data_root: Path | None) -> dict[str, Any]:
+    """Cost to honest users of every (victim, defense), measured once and kept in ``costs.json``."""
+    costs: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if scenario.defense_cost is None:
+        return costs
+    spec = scenario.defense_cost
+    for cell in {c.served_name: c for c in scenario.cells()}.values():
+        if cell.served_name in costs:
+            continue
+        console.print(f"[dim]cost to honest users of {cell.served_name}[/dim]")
+        costs[cell.served_name] = defense_cost(
+            store / cell.served_name,
+            cell.defense.pipeline,
+            n=spec.images,
+            probe_train_size=spec.probe_train_size,
+            data_root=data_root,
+            dataset=spec.dataset,
+        )
+        path.write_text(json.dumps(costs, indent=2) + "\n")
+    return costs
+
+
+def audit_summary(events: list[dict[str, str]]) -> dict[str, Any]:
+    """Charges and refunds of a key over time: totals and a cumulative series (at most 100 points)."""
+    charges = [e for e in events if e.get("event") in ("charge", "refund")]
+    if not charges:
+        return {"events": 0, "images": 0, "seconds": 0.0, "series": []}
+    t0 = int(charges[0]["t_us"])
+    series, total = [], 0
+    for event in charges:
+        total += int(event["n"]) * (1 if event["event"] == "charge" else -1)
+        series.append([(int(event["t_us"]) - t0) / 1e6, total])
+    step = max(1, len(series) // AUDIT_POINTS)
+    points = series[::step] if series[-1] in series[::step] else [*series[::step], series[-1]]
+    return {"events": len(charges), "images": total, "seconds": series[-1][0], "series": points}
+
+
+def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[str, Any]:
+    """The results.jsonl line of a finished cell."""
+    evaluation = record["evaluation"]
+    return {
+        "cell": cell.id,
+        "status": "ok",
+        "scenario": scenario.name,
+        "victim": cell.victim.model,
+        "defense": cell.defense.name,
+        "pipeline": cell.defense.pipeline,
+        "detector": cell.defense.detector,
+        "attack": cell.attack.label,
+        "attack_name": record["attack"],
+        "params": record["params"],
+        "budget": cell.budget,
+        "seed": cell.seed,
+        "queries": record["queries"],
+        "surrogate": evaluation["surrogate"],
+        "victim_quality": evaluation["victim"],
+        "untrained": evaluation["untrained"],
+        "ratio": evaluation["ratio"],
+        "recovered": evaluation["recovered"],
+        "fidelity": evaluation["fidelity"],
+        "untrained_fidelity": evaluation["untrained_fidelity"],
+        "seconds": record["seconds"],
+        "device": record["device"],
+        "versions": record["versions"],
+    }
+
+
+def run_cell(
+    cell: Cell,
+    scenario: Scenario,
+    url: str,
+    admin: httpx.Client,
+    run_dir: Path,
+    victims: dict[str, Path],
+    data_root: Path | None,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Run one cell end to end; never raises for the cell's own failure (it is recorded)."""
+    started = time.perf_counter()
+    out = run_dir / "cells" / cell.id
+    key_spec: dict[str, Any] = {"name": cell.id[:64], "budget": cell.budget, "models": [cell.served_name]}
+    if scenario.rate is not None:
+        key_spec["rate"] = scenario.rate
+    if scenario.burst is not None:
+        key_spec["burst"] = scenario.burst
+    created = admin.post("/admin/keys", json=key_spec)
+    created.raise_for_status()
+    key_id, api_key = created.json()["record"]["key_id"], created.json()["api_key"]
+    base = {
+        "cell": cell.id,
+        "scenario": scenario.name,
+        "victim": cell.victim.model,
+        "defense": cell.defense.name,
+        "attack": cell.attack.label,
+        "budget": cell.budget,
+        "seed": cell.seed,
+    }
+    try:
+        record = steal_encoder(
+            EncoderStealingConfig(
+                url=url,
+                key=api_key,
+                model=cell.served_name,
+                attack=cell.attack.attack,
+                params={**cell.attack.params, "seed": cell.seed},
+                query_set=scenario.query_set,
+                query_split=scenario.query_split,
+                budget=cell.budget,
+                out=out,
+                device=scenario.device,
+                victim_checkpoint=victims[cell.victim.model],
+                data_root=data_root,
+                evaluation=scenario.evaluation,
+                progress=progress,
+                cache_namespace=f"{scenario.name}/{cell.served_name}",
+            )
+        )
+        line = cell_line(cell, scenario, record)
+    except Exception as exc:  # recorded; the run goes on
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(traceback.format_exc())
+        code = getattr(exc, "code", None) if isinstance(exc, VictimAPIError) else None
+        line = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_code": code}
+    usage = admin.get(f"/admin/keys/{key_id}").json()
+    line["key"] = {"id": key_id, "used": usage.get("used"), "budget": usage.get("budget")}
+    line["flags"] = admin.get(f"/admin/keys/{key_id}/defenses").json().get("flags", {})
+    line["audit"] = audit_summary(admin.get(f"/admin/keys/{key_id}/audit", params={"count": 100_000}).json())
+    line["wall_seconds"] = time.perf_counter() - started
+    return line
+
+
+def run_scenario(
+    scenario: Scenario,
+    runs: Path = Path("runs"),
+    redis_url: str | None = None,
+    resume: bool = True,
+    data_root: Path | None = None,
+    progress: bool | None = None,
+    on_cell: Callable[[int, int, Cell], None] | None = None,
+) -> Path:
+    """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring)."""
+    run_dir = runs / scenario.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = run_dir / RESULTS_FILE
+    if not resume:
+        results.unlink(missing_ok=True)
+        (run_dir / COSTS_FILE).unlink(missing_ok=True)
+    (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
+    finished = {line["cell"] for line in read_results(run_dir) if line.get("status") == "ok"}
+    cells = scenario.cells()
+    todo = [cell for cell in cells if cell.id not in finished]
+    console.print(
+        f"[bold]{scenario.name}[/bold]: {len(cells)} cells, "
+        f"{len(cells) - len(todo)} finished, {len(todo)} to run"
+    )
+    if todo:
+        victims = ensure_victims(scenario, data_root)
+        store = run_dir / "store"
+        build_range_store(scenario, victims, store)
+        measure_costs(scenario, store, run_dir / COSTS_FILE, data_root)
+        admin_token = secrets.token_urlsafe(16)
+        env = {
+            "STEALRANGE_ADMIN_TOKEN": admin_token,
+            "STEALRANGE_SERVER_SECRET": f"range-{scenario.name}",
+            "STEALRANGE_REDIS_PREFIX": f"range-{scenario.name}-{secrets.token_hex(4)}",
+        }
+        run_started = time.perf_counter()
+        with (
+            victim_process(
+                store, redis_url, workers=scenario.workers, env=env, pid_file=run_dir / VICTIM_FILE
+            ) as url,
+            httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=60
+            ) as admin,
+        ):
+            for i, cell in enumerate(todo, 1):
+                console.rule(
+                    f"[{i}/{len(todo)}] {cell.victim.model} x {cell.defense.name} "
+                    f"x {cell.attack.label} x {cell.budget}"
+                )
+                if on_cell is not None:
+                    on_cell(i, len(todo), cell)
+                line = run_cell(cell, scenario, url, admin, run_dir, victims, data_root, progress)
+                with results.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                status = (
+                    "ok" if line["status"] == "ok" else f"[red]{line['status']}: {line.get('error')}[/red]"
+                )
+                console.print(f"  {status} ({line['wall_seconds']:.0f} s)")
+        console.print(f"ran {len(todo)} cells in {time.perf_counter() - run_started:.0f} s")
+    build_report(run_dir)
+    return run_dir

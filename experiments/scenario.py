@@ -1,0 +1,195 @@
+"""Scenario files: the matrix of victims x defenses x attacks x budgets x seeds the range runs.
+
+A scenario is YAML validated by pydantic; every name is checked when the file is read (attacks and
+their parameters, defense pipelines for the victim's kind, datasets), so a typo fails in a second
+with the field's path, not an hour into the run. :meth:`Scenario.cells` expands the matrix.
+
+    name: quick
+    victims: [{model: fmnist-encoder, kind: encoder, profile: quick}]
+    defenses:
+      - {name: none}
+      - {name: noise, pipeline: [{name: embedding_noise, sigma: 0.1}]}
+    attacks:
+      - {attack: rda, params: {max_steps: 60}}
+    budgets: [1000, 4000]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import defenses.output  # noqa: F401  (registers the output defenses)
+from attacker_client.attacks import attack_class, build_attack
+from attacker_client.evaluate import EvalConfig
+from common.datasets import list_datasets
+from defenses.base import DefensePipeline, ModelKind
+from defenses.detectors import build_detector
+
+NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VictimSpec(Strict):
+    """A served victim: a model store name, trained from its recipe when missing (``profile``)."""
+
+    model: str = Field(pattern=NAME)
+    kind: ModelKind = "encoder"
+    profile: Literal["quick", "paper"] | None = Field(
+        "quick", description="recipe to train it from when the store lacks it; null: it must exist"
+    )
+
+
+class DefenseSpec(Strict):
+    """A named defense setting: an output pipeline and, optionally, a detector."""
+
+    name: str = Field(pattern=NAME)
+    pipeline: list[dict[str, Any]] = Field(default_factory=list)
+    detector: dict[str, Any] | None = None
+
+
+class AttackSpec(Strict):
+    """An attack from the registry with its parameters (``name`` tells two settings apart)."""
+
+    attack: str
+    name: str | None = Field(None, pattern=NAME)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.attack.replace("_", "-")
+
+
+class DefenseCostSpec(Strict):
+    """How each defense's cost to honest users is measured (once per victim and defense)."""
+
+    images: int = Field(1000, ge=10)
+    probe_train_size: int = Field(2000, ge=10)
+    dataset: str | None = Field(None, description="the honest user's task (default: the victim's dataset)")
+
+
+class Cell(Strict):
+    """One run: a victim behind a defense, one attack, one budget, one seed."""
+
+    id: str
+    victim: VictimSpec
+    defense: DefenseSpec
+    attack: AttackSpec
+    budget: int
+    seed: int
+
+    @property
+    def served_name(self) -> str:
+        """The model's name in the range's store: the victim, copied once per defense."""
+        return (
+            self.victim.model
+            if self.defense.name == "none"
+            else f"{self.victim.model}--{self.defense.name}"[:64]
+        )
+
+
+class Scenario(Strict):
+    """The whole matrix and everything shared by its cells."""
+
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    model_store: Path = Path("model_store")
+    victims: list[VictimSpec] = Field(min_length=1)
+    defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")], min_length=1)
+    attacks: list[AttackSpec] = Field(min_length=1)
+    budgets: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    rate: float | None = Field(None, gt=0, description="each cell's key: images/s (null: unlimited)")
+    burst: int | None = Field(None, ge=1)
+    query_set: str = "fashion_mnist"
+    query_split: Literal["train", "test", "attacker"] = "attacker"
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    defense_cost: DefenseCostSpec | None = Field(default_factory=DefenseCostSpec)
+    workers: int = Field(1, ge=1, description="uvicorn workers of the victim API")
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> Scenario:
+        if any(b < 1 for b in self.budgets):
+            raise ValueError("budgets must be >= 1")
+        for field, names in (
+            ("victims", [v.model for v in self.victims]),
+            ("defenses", [d.name for d in self.defenses]),
+            ("attacks", [a.label for a in self.attacks]),
+        ):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{field}: names must be unique, got {names}")
+        known = set(list_datasets())
+        for dataset in [self.query_set, *self.evaluation.downstream]:
+            if dataset not in known:
+                raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(known))}")
+        for i, attack in enumerate(self.attacks):
+            try:
+                attack_class(attack.attack)
+            except ValueError as exc:
+                raise ValueError(f"attacks.{i}.attack: {exc}") from None
+            try:
+                build_attack(attack.attack, attack.params)
+            except (ValueError, ValidationError) as exc:
+                raise ValueError(f"attacks.{i}.params: {exc}") from None
+        for victim in self.victims:
+            if victim.kind != "encoder":
+                raise ValueError(
+                    f"victims: {victim.model} is a {victim.kind}; the range's attacks steal encoders"
+                )
+            for i, defense in enumerate(self.defenses):
+                try:
+                    DefensePipeline.from_specs(defense.pipeline, victim.kind)
+                    if defense.detector is not None:
+                        build_detector(defense.detector).check(victim.kind)
+                except (ValueError, ValidationError) as exc:
+                    raise ValueError(f"defenses.{i} ({defense.name}): {exc}") from None
+        return self
+
+    def cells(self) -> list[Cell]:
+        """Every (victim, defense, attack, budget, seed), in that nesting order."""
+        return [
+            Cell(
+                id=f"{victim.model}__{defense.name}__{attack.label}__{budget}__s{seed}",
+                victim=victim,
+                defense=defense,
+                attack=attack,
+                budget=budget,
+                seed=seed,
+            )
+            for victim in self.victims
+            for defense in self.defenses
+            for attack in self.attacks
+            for budget in self.budgets
+            for seed in self.seeds
+        ]
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run, with the field that is wrong."""
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"no scenario file at {path}") from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: a scenario is a mapping of fields, got {type(raw).__name__}")
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(map(str, error['loc'])) or '(scenario)'}: {error['msg']}" for error in exc.errors()
+        ]
+        raise ScenarioError(f"invalid scenario {path}:\n" + "\n".join(lines)) from None

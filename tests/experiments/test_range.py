@@ -1,0 +1,204 @@
+"""The range end to end on a tiny scenario: victim process, cells, report, resume, failures, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from common.checkpoints import InputSpec, card_for, save_checkpoint
+from common.models import build_model
+from experiments.cli import app
+from experiments.report import PLOTS, read_results
+from experiments.runner import VICTIM_FILE, run_scenario
+from experiments.scenario import ScenarioError, load_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("range_store")
+    torch.manual_seed(0)
+    enc = build_model("encoder", "small_cnn", 1, [0.5], [0.5], feature_dim=32)
+    spec = InputSpec(channels=1, height=28, width=28)
+    save_checkpoint(enc, card_for(enc, "enc", "small_cnn", input=spec, dataset="synthetic"), store / "enc")
+    return store
+
+
+def tiny_scenario(store: Path, **overrides: Any) -> dict[str, Any]:
+    scenario: dict[str, Any] = {
+        "name": "tiny",
+        "model_store": str(store),
+        "victims": [{"model": "enc", "profile": None}],
+        "defenses": [
+            {"name": "none"},
+            {"name": "noise", "pipeline": [{"name": "embedding_noise", "sigma": 0.5}]},
+        ],
+        "attacks": [
+            {"attack": "stolen_encoder", "params": {"epochs": 1, "batch_size": 16, "max_steps": 2}},
+            {
+                "attack": "rda",
+                "params": {"epochs": 1, "batch_size": 8, "max_steps": 2, "n_views": 4, "train_views": 2},
+            },
+        ],
+        "budgets": [40, 80],
+        "query_set": "synthetic",
+        "query_split": "train",
+        "evaluation": {
+            "downstream": ["synthetic"],
+            "probe_train_size": 100,
+            "test_size": 50,
+            "fidelity_size": 20,
+            "probe_epochs": 2,
+            "mlp_probe": False,
+        },
+        "defense_cost": {"images": 50, "probe_train_size": 100, "dataset": "synthetic"},
+        "device": "cpu",
+    }
+    scenario.update(overrides)
+    return scenario
+
+
+def write(path: Path, scenario: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(scenario))
+    return path
+
+
+def test_tiny_scenario_end_to_end_and_resume(tiny_store: Path, tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path / "tiny.yaml", tiny_scenario(tiny_store)))
+    run_dir = run_scenario(scenario, runs=tmp_path / "runs", progress=False)
+    lines = read_results(run_dir)
+    assert len(lines) == 8 and all(line["status"] == "ok" for line in lines)
+    for line in lines:
+        assert line["queries"]["spent"] == line["key"]["used"] <= line["budget"]
+        assert line["audit"]["images"] == line["key"]["used"]  # the server's audit stream agrees
+        assert line["surrogate"]["synthetic"]["linear_probe"] >= 0 and line["fidelity"]["cosine"] is not None
+        assert line["versions"]["torch"] == torch.__version__ and line["seed"] == 0
+    assert not (run_dir / VICTIM_FILE).exists()  # the victim process is gone
+    report = (run_dir / "report.md").read_text()
+    assert "| attack | none | noise |" in report and "Cost to honest users" in report
+    for plot in PLOTS:
+        assert (run_dir / plot).stat().st_size > 5_000
+
+    # Rerun: every cell finished, nothing runs, nothing changes.
+    before = (run_dir / "results.jsonl").read_text()
+    run_scenario(scenario, runs=tmp_path / "runs", progress=False)
+    assert (run_dir / "results.jsonl").read_text() == before
+
+    # An unfinished cell runs again and finds its paid queries in its cache: they cost nothing.
+    kept = [line for line in before.splitlines() if '"enc__noise__rda__80__s0"' not in line]
+    (run_dir / "results.jsonl").write_text("\n".join(kept) + "\n")
+    run_scenario(scenario, runs=tmp_path / "runs", progress=False)
+    rerun = {line["cell"]: line for line in read_results(run_dir)}["enc__noise__rda__80__s0"]
+    assert (
+        rerun["queries"]["spent"] == 0 and rerun["queries"]["cache_hits"] == rerun["queries"]["planned"] > 0
+    )
+
+    # The report rebuilds from results.jsonl alone.
+    (run_dir / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report.md").read_text().startswith("# Range report: tiny")
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tiny_store: Path, tmp_path: Path) -> None:
+    scenario = tiny_scenario(
+        tiny_store,
+        defenses=[
+            {
+                "name": "prada",
+                "detector": {"name": "prada", "min_distances": 3, "delta": 0.999, "action": "refuse"},
+            },
+            {"name": "none"},
+        ],
+        attacks=[{"attack": "rda", "params": {"epochs": 1, "max_steps": 1, "n_views": 4, "train_views": 2}}],
+        budgets=[400],
+        defense_cost=None,
+    )
+    run_dir = run_scenario(
+        load_scenario(write(tmp_path / "s.yaml", scenario)), runs=tmp_path / "runs", progress=False
+    )
+    lines = {line["defense"]: line for line in read_results(run_dir)}
+    refused = lines["prada"]
+    assert refused["status"] == "failed" and refused["error_code"] == "extraction_suspected"
+    assert refused["flags"]["enc--prada"]["flag"] == "extraction_suspected"
+    assert 0 < refused["key"]["used"] < 400  # what it was served before the refusals, and no more
+    assert lines["none"]["status"] == "ok"  # the run went on
+    assert "extraction_suspected" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"attacks": [{"attack": "nope"}]}, "attacks.0.attack"),
+        ({"attacks": [{"attack": "rda", "params": {"epochz": 1}}]}, "attacks.0.params"),
+        ({"defenses": [{"name": "x", "pipeline": [{"name": "label_only"}]}]}, "defenses.0 (x)"),
+        ({"defenses": [{"name": "x", "pipeline": [{"name": "embedding_noise", "sigma": -1}]}]}, "sigma"),
+        ({"budgets": []}, "budgets"),
+        ({"budgets": [0]}, "budgets must be >= 1"),
+        ({"query_set": "imagenet"}, "unknown dataset 'imagenet'"),
+        ({"evaluation": {"probe_epochs": 0}}, "evaluation.probe_epochs"),
+        ({"rate": -1}, "rate"),
+        ({"attackz": []}, "attackz"),
+        ({"name": "Bad Name"}, "name"),
+    ],
+)
+def test_bad_scenarios_name_the_field(
+    tiny_store: Path, tmp_path: Path, change: dict[str, Any], field: str
+) -> None:
+    path = write(tmp_path / "bad.yaml", tiny_scenario(tiny_store, **change))
+    with pytest.raises(ScenarioError, match=r"invalid scenario") as error:
+        load_scenario(path)
+    assert field in str(error.value)
+
+
+def test_bad_scenario_files(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="no scenario file"):
+        load_scenario(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ScenarioError, match="mapping"):
+        load_scenario(tmp_path / "list.yaml")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "broken.yaml")])
+    assert result.exit_code == 2 and "not valid YAML" in " ".join(result.output.split())
+
+
+def test_ctrl_c_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path) -> None:
+    scenario = tiny_scenario(tiny_store, budgets=[40, 80, 120, 160, 200, 240], defense_cost=None)
+    path = write(tmp_path / "s.yaml", scenario)
+    env = {**os.environ, "STEALRANGE_NO_PROGRESS": "1"}
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "run", str(path), "--runs", str(tmp_path / "runs")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pid_file = tmp_path / "runs" / "tiny" / VICTIM_FILE
+    deadline = time.monotonic() + 120
+    while not pid_file.exists():
+        assert runner.poll() is None, runner.stdout.read().decode() if runner.stdout else ""
+        assert time.monotonic() < deadline, "the victim never started"
+        time.sleep(0.05)
+    victim = json.loads(pid_file.read_text())["pid"]
+    time.sleep(1.0)  # a cell or two in flight
+    runner.send_signal(signal.SIGINT)
+    output = runner.communicate(timeout=60)[0].decode()
+    assert runner.returncode == 130, output
+    assert "interrupted" in output
+    assert not pid_file.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(victim, 0)  # the victim's whole process group is gone
