@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -10,6 +12,17 @@ import typer
 from experiments.report import build_report
 from experiments.runner import console, run_scenario
 from experiments.scenario import ScenarioError, load_scenario
+
+
+def interrupt_on_signals() -> None:
+    """SIGINT (even when a shell started us with it ignored, as for background jobs) and SIGTERM
+    raise KeyboardInterrupt, so the runner's clean-up (stopping the victim API) always runs."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def run_command(
@@ -27,6 +40,7 @@ def run_command(
     data_root: Annotated[Path | None, typer.Option(envvar="STEALRANGE_DATA_ROOT")] = None,
 ) -> None:
     """Run a scenario: victims x defenses x attacks x budgets, over HTTP; write results and report."""
+    interrupt_on_signals()
     try:
         spec = load_scenario(scenario)
     except ScenarioError as exc:
@@ -34,7 +48,7 @@ def run_command(
         raise typer.Exit(2) from None
     try:
         run_dir = run_scenario(spec, runs=runs, redis_url=redis_url, resume=not fresh, data_root=data_root)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

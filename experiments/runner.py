@@ -223,6 +223,10 @@ def run_scenario(
     on_cell: Callable[[int, int, Cell], None] | None = None,
 ) -> Path:
     """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring)."""
+    if scenario.workers > 1 and not redis_url:
+        raise ValueError(
+            "workers > 1 needs a real Redis (redis_url / REDIS_URL): the embedded one is per process"
+        )
     run_dir = runs / scenario.name
     run_dir.mkdir(parents=True, exist_ok=True)
     results = run_dir / RESULTS_FILE

@@ -1,12 +1,14 @@
 """Start the victim API as its own process on a free loopback port, and stop it without orphans.
 
 uvicorn runs in a new session (process group), so stopping it reaches its worker processes too:
-SIGTERM to the group, then SIGKILL after a grace period. Used by the range runner, the benchmarks
-and the tests.
+SIGTERM to the group, then SIGKILL after a grace period. On Linux the kernel also sends it SIGTERM
+when its parent dies (``PR_SET_PDEATHSIG``), so not even a SIGKILLed runner leaves it behind. Used
+by the range runner, the benchmarks and the tests.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1
 
 
 class VictimStartError(RuntimeError):
@@ -32,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when the parent exits (a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
@@ -81,7 +94,9 @@ def victim_process(
         "--log-level",
         log_level,
     ]
-    proc = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=environment, start_new_session=True, preexec_fn=_die_with_parent
+    )
     url = f"http://127.0.0.1:{port}"
     if pid_file is not None:
         pid_file.write_text(json.dumps({"pid": proc.pid, "url": url}) + "\n")

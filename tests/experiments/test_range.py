@@ -176,7 +176,8 @@ def test_bad_scenario_files(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not valid YAML" in " ".join(result.output.split())
 
 
-def test_ctrl_c_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path, signum: signal.Signals) -> None:
     scenario = tiny_scenario(tiny_store, budgets=[40, 80, 120, 160, 200, 240], defense_cost=None)
     path = write(tmp_path / "s.yaml", scenario)
     env = {**os.environ, "STEALRANGE_NO_PROGRESS": "1"}
@@ -186,6 +187,8 @@ def test_ctrl_c_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path) -> Non
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # As a shell starts a background job: SIGINT ignored. The runner must still honour it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     pid_file = tmp_path / "runs" / "tiny" / VICTIM_FILE
     deadline = time.monotonic() + 120
@@ -195,10 +198,18 @@ def test_ctrl_c_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path) -> Non
         time.sleep(0.05)
     victim = json.loads(pid_file.read_text())["pid"]
     time.sleep(1.0)  # a cell or two in flight
-    runner.send_signal(signal.SIGINT)
+    runner.send_signal(signum)
     output = runner.communicate(timeout=60)[0].decode()
     assert runner.returncode == 130, output
     assert "interrupted" in output
     assert not pid_file.exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(victim, 0)  # the victim's whole process group is gone
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments" / "scenarios").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_scenarios_are_valid(path: Path) -> None:
+    scenario = load_scenario(path)
+    assert scenario.cells() and scenario.name == path.stem
