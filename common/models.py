@@ -167,6 +167,11 @@ class ImageModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def representation(self) -> nn.Sequential:
+        """Normalisation + backbone as one module sharing this model's parameters: calling it is
+        :meth:`features`. Training a representation through it (DDP) leaves the head out."""
+        return nn.Sequential(self.normalize, self.backbone)
+
     def features_module(self) -> nn.Module:
         """A module whose forward is :meth:`features` (for feature extraction helpers)."""
         return FeaturesOf(self)

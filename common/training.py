@@ -3,6 +3,10 @@
 Every loop takes a :class:`TrainConfig`, runs on the device it names (CUDA with bfloat16 AMP and
 channels_last when present; bit-reproducible on the CPU for a fixed seed), draws mini-batches from
 a seeded generator and shows a progress bar. Attacks reuse :func:`run_steps` with their own losses.
+
+Under ``torchrun`` (a process group initialised, see :mod:`common.distributed`) the same loop
+trains data-parallel: each rank takes its shard of every epoch's permutation, calls the
+DDP-wrapped ``net`` and DDP averages the gradients; the progress bar is rank 0's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from common import distributed
 from common.datasets import ImageData
 from common.devices import autocast, memory_format, resolve_device, seed_everything
 from common.progress import make_progress
@@ -74,7 +79,11 @@ def minibatches(
     n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
 ) -> list[torch.Tensor]:
     """One epoch of shuffled index batches (the last partial batch dropped when ``drop_last``)."""
-    order = torch.randperm(n, generator=generator)
+    return split_batches(torch.randperm(n, generator=generator), batch_size, drop_last)
+
+
+def split_batches(order: torch.Tensor, batch_size: int, drop_last: bool = True) -> list[torch.Tensor]:
+    """Cut an index order into batches (the last partial batch dropped when ``drop_last``)."""
     batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
@@ -89,7 +98,8 @@ def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
     return batches
 
 
-StepFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+"""``step(net, batch_indices, generator)`` -> loss; the forward must go through ``net``."""
 EpochHook = Callable[[int], dict[str, float]]
 
 
@@ -102,14 +112,28 @@ def run_steps(
     description: str = "train",
     on_epoch_end: EpochHook | None = None,
     progress: bool | None = None,
+    net: nn.Module | None = None,
 ) -> list[dict[str, float]]:
-    """Generic loop: ``step(batch_indices, generator)`` returns the loss; this does the rest.
+    """Generic loop: ``step(net, batch_indices, generator)`` returns the loss; this does the rest.
 
-    Returns one history row per epoch: mean loss, learning rate, seconds, and what ``on_epoch_end``
-    adds (e.g. a kNN monitor).
+    ``net`` is the module the step calls for its forward (default ``model``; an attack passes its
+    surrogate's representation, :meth:`common.models.ImageModel.representation`). Under a process
+    group it is wrapped in DistributedDataParallel, every rank draws the same permutation and takes
+    its shard (:func:`common.distributed.shard`), and the step's own randomness (views) comes from a
+    generator seeded by (seed, rank). Returns one history row per epoch: mean loss (over ranks),
+    learning rate, seconds, and what ``on_epoch_end`` adds (e.g. a kNN monitor).
     """
+    context = distributed.current()
     generator = seed_everything(cfg.seed)
-    steps_per_epoch = batches_per_epoch(n_samples, cfg.batch_size, cfg.drop_last)
+    step_generator = generator
+    if context.enabled:
+        step_generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + context.rank)
+        device = next(model.parameters()).device
+        forward = distributed.wrap(net if net is not None else model, device, context)
+    else:
+        forward = net if net is not None else model
+    per_rank = n_samples // context.world_size if context.enabled else n_samples
+    steps_per_epoch = batches_per_epoch(per_rank, cfg.batch_size, cfg.drop_last)
     optimizer = make_optimizer(params if params is not None else list(model.parameters()), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
@@ -118,14 +142,15 @@ def run_steps(
     history: list[dict[str, float]] = []
     done = 0
     model.train()
-    with make_progress(progress) as bar:
+    with make_progress(progress if context.is_main else False) as bar:
         task = bar.add_task(description, total=total_steps, status="")
         for epoch in range(cfg.epochs):
             started, losses = time.perf_counter(), []
-            for batch in minibatches(n_samples, cfg.batch_size, generator, cfg.drop_last):
+            order = distributed.shard(torch.randperm(n_samples, generator=generator), context)
+            for batch in split_batches(order, cfg.batch_size, cfg.drop_last):
                 if done >= total_steps:
                     break
-                loss = step(batch, generator)
+                loss = step(forward, batch, step_generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -135,7 +160,7 @@ def run_steps(
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
             row = {
                 "epoch": float(epoch + 1),
-                "loss": sum(losses) / max(1, len(losses)),
+                "loss": distributed.mean_over_ranks(sum(losses) / max(1, len(losses)), context),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
             }
@@ -170,12 +195,12 @@ def train_classifier(
     model.to(device, memory_format=memory_format(device))
     labels = data.labels.to(device)
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = batch_to_device(data.images[batch], device)
         if augment is not None:
             x = augment(x, generator)
         with autocast(device):
-            return F.cross_entropy(model(x), labels[batch.to(device)])
+            return F.cross_entropy(net(x), labels[batch.to(device)])
 
     return run_steps(
         model, len(data), step, cfg, description="classifier", on_epoch_end=on_epoch_end, progress=progress
@@ -209,11 +234,11 @@ def train_simclr(
     device = resolve_device(cfg.device)
     encoder.to(device, memory_format=memory_format(device))
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = batch_to_device(data.images[batch], device)
         v1, v2 = views(x, generator), views(x, generator)
         with autocast(device):
-            z = encoder(torch.cat([v1, v2]))
+            z = net(torch.cat([v1, v2]))
         return nt_xent(z[: len(batch)], z[len(batch) :], temperature)
 
     return run_steps(

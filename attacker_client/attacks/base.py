@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from common.datasets import ImageData
 from common.devices import memory_format
 from common.models import Encoder, ImageModel, build_model, list_backbones
-from common.training import TrainConfig, run_steps
+from common.training import StepFn, TrainConfig, run_steps
 from common.views import ViewConfig, ViewGenerator, to_uint8
 
 EmbedOracle = Callable[[np.ndarray], np.ndarray]
@@ -196,11 +196,15 @@ class EncoderAttack(abc.ABC):
         self,
         surrogate: ImageModel,
         n_samples: int,
-        step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        step: StepFn,
         device: torch.device,
         progress: bool | None,
     ) -> tuple[list[dict[str, float]], float]:
-        """Run the surrogate's training loop; returns (history, seconds)."""
+        """Run the surrogate's training loop; returns (history, seconds).
+
+        ``step(net, batch, generator)`` calls ``net`` (the surrogate's representation, DDP-wrapped
+        under ``torchrun``) for its forward.
+        """
         started = time.perf_counter()
         surrogate.to(device, memory_format=memory_format(device))
         history = run_steps(
@@ -210,6 +214,7 @@ class EncoderAttack(abc.ABC):
             self.params.train_config(device),
             description=self.name,
             progress=progress,
+            net=surrogate.representation(),
         )
         return history, time.perf_counter() - started
 

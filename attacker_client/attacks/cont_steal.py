@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from attacker_client.attacks.base import (
     EmbedOracle,
@@ -75,11 +76,11 @@ class ContSteal(EncoderAttack):
         targets = victim.to(device)
         views = view_generator(p.train_view)
 
-        def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
             v = views(x, generator)
             with autocast(device):
-                z = F.normalize(surrogate.features(v).float(), dim=1)
+                z = F.normalize(net(v).float(), dim=1)
             pick = torch.randint(p.query_views, (len(batch),), generator=generator)
             y = targets[batch.to(device), pick.to(device)]
             return discriminate_loss(z, y, p.temperature)

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from attacker_client.attacks.base import (
     EmbedOracle,
@@ -26,6 +27,7 @@ from attacker_client.attacks.base import (
     view_generator,
 )
 from attacker_client.attacks.stolen_encoder import embedding_distance
+from common import distributed
 from common.datasets import ImageData
 from common.devices import autocast
 from common.training import batch_to_device, batches_per_epoch
@@ -89,17 +91,17 @@ class Conventional(EncoderAttack):
         p = self.params
         samples = self.choose_samples(pool, budget)
         per_epoch = _EpochQueries(self, oracle, samples, p.view)
-        steps_per_epoch = batches_per_epoch(len(samples), p.batch_size)
+        steps_per_epoch = batches_per_epoch(len(samples) // distributed.current().world_size, p.batch_size)
         _, first_targets = per_epoch.at(0)  # its width is the surrogate's
         surrogate = self.build_surrogate(pool, first_targets.shape[1]).to(device)
         steps = [0]
 
-        def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             images, targets = per_epoch.at(steps[0] // steps_per_epoch)
             steps[0] += 1
             x = batch_to_device(images[batch], device)
             with autocast(device):
-                z = surrogate.features(x)
+                z = net(x)
             return embedding_distance(z, targets[batch].to(device), p.loss)
 
         history, seconds = self.train(surrogate, len(samples), step, device, progress)

@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from attacker_client.attacks.base import (
     EmbedOracle,
@@ -99,11 +100,11 @@ class RDA(EncoderAttack):
         targets = prototypes.to(device)
         views = view_generator(p.train_view)
 
-        def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
             v = views.views(x, p.train_views, generator)
             with autocast(device):
-                z = surrogate.features(v.reshape(-1, *x.shape[1:]))
+                z = net(v.reshape(-1, *x.shape[1:]))
             z = F.normalize(z.float(), dim=1).view(p.train_views, len(batch), -1)
             y = targets[batch.to(device)]
             losses = [rda_loss(z[i], y, p.temperature, p.alpha, p.beta) for i in range(p.train_views)]

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from attacker_client.attacks.base import (
     EmbedOracle,
@@ -80,11 +81,11 @@ class StolenEncoder(EncoderAttack):
         targets = victim.to(device)
         views = view_generator(p.train_view)
 
-        def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(samples.images[batch], device)
             augmented = views(x, generator)
             with autocast(device):
-                z = surrogate.features(torch.cat([x, augmented]))
+                z = net(torch.cat([x, augmented]))
             y = targets[batch.to(device)]
             clean, aug = z[: len(batch)], z[len(batch) :]
             return embedding_distance(clean, y, p.loss) + p.aug_weight * embedding_distance(aug, y, p.loss)

@@ -131,9 +131,9 @@ def train_misinformation_model(
     model.to(device)
     labels = data.labels.to(device)
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return reverse_cross_entropy(
-            model(batch_to_device(data.images[batch], device)), labels[batch.to(device)]
+            net(batch_to_device(data.images[batch], device)), labels[batch.to(device)]
         )
 
     started = time.perf_counter()

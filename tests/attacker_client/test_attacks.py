@@ -130,9 +130,16 @@ def test_rda_is_reproducible_on_cpu() -> None:
 
 
 def test_rda_learns_the_victim() -> None:
-    """Twenty steps make the surrogate's embeddings far closer to the victim's than at init."""
+    """Twenty-four steps make the surrogate's embeddings far closer to the victim's than at init.
+
+    A cosine schedule: at a constant lr the held-out cosine of so short a run swings between 0.4 and
+    0.9 with the CPU's float rounding; annealed it lands near 0.9 on every machine tried.
+    """
     oracle = CountingOracle()
-    attack = build_attack("rda", {"epochs": 5, "batch_size": 16, "n_views": 4, "train_views": 2, "lr": 3e-3})
+    attack = build_attack(
+        "rda",
+        {"epochs": 6, "batch_size": 16, "n_views": 4, "train_views": 2, "lr": 2e-3, "schedule": "cosine"},
+    )
     untrained = attack.build_surrogate(POOL, DIM)
     result = attack.steal(oracle, POOL, 256, CPU, progress=False)
     held_out = make_synthetic(100, seed=9).images
@@ -141,7 +148,7 @@ def test_rda_learns_the_victim() -> None:
     def cosine(model: torch.nn.Module) -> float:
         return F.cosine_similarity(extract_features(model.features_module(), held_out), victim).mean().item()
 
-    assert cosine(result.surrogate) > cosine(untrained) + 0.3
+    assert cosine(result.surrogate) > cosine(untrained) + 0.5
 
 
 def test_cli_param_parsing() -> None:

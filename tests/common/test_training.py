@@ -163,7 +163,7 @@ def test_run_steps_honours_max_steps_and_hook():
     losses: list[float] = []
     modes: list[bool] = []
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seen.append(batch)
         modes.append(model.training)
         loss = model(torch.ones(len(batch), 2)).pow(2).mean() + len(seen)
@@ -198,7 +198,7 @@ def test_run_steps_full_epochs_without_max_steps():
     model = nn.Linear(2, 1)
     calls: list[int] = []
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         calls.append(len(batch))
         return model(torch.ones(len(batch), 2)).pow(2).mean()
 
@@ -213,7 +213,7 @@ def test_run_steps_only_updates_given_params():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     frozen = model[0].weight.detach().clone()
 
-    def step(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return model(torch.ones(len(batch), 2)).pow(2).mean()
 
     cfg = TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", weight_decay=0.0)
