@@ -4,6 +4,7 @@
     stealrange attack params rda                # every parameter with its default
     stealrange attack rda --url URL --key KEY --model fmnist-encoder \\
         --query-set mnist5k --budget 20000 --out runs/rda1 -p epochs=20
+    torchrun --nproc_per_node 4 --no-python stealrange attack rda ...   # DDP on 4 GPUs, budget spent once
 
 Each attack's parameters are set with ``-p name=value`` (values parsed as JSON when they parse,
 else taken as text) and validated before any query is spent.
@@ -22,6 +23,7 @@ from rich.table import Table
 from attacker_client.attacks import attack_class, list_attacks
 from attacker_client.evaluate import EvalConfig
 from attacker_client.steal_encoder import RESULT_FILE, EncoderStealingConfig, steal_encoder
+from common import distributed
 
 attack_app = typer.Typer(help="Steal a victim model through its API.", no_args_is_help=True)
 _console = Console()
@@ -138,7 +140,12 @@ def _make_attack_command(name: str) -> None:
             cls(config.params)  # validate the parameters before any query
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        record = steal_encoder(config)
+        try:
+            record = steal_encoder(config)
+        finally:
+            distributed.shutdown()
+        if "evaluation" not in record:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         _console.print(_summary(record))
         queries = record["queries"]
         fidelity = record["evaluation"].get("fidelity") or {}

@@ -12,10 +12,17 @@
 
 Re-running the same command asks the same images (seeded views made on the CPU), which the cache
 answers: it spends zero new queries.
+
+Under ``torchrun`` (``torchrun --nproc_per_node N --no-python stealrange attack ...``) every rank runs
+the attack with the same seed, but only rank 0 holds a client: the metadata, the usage and every
+oracle answer are fetched by rank 0 and broadcast (:func:`common.distributed.broadcast_call`), so the
+budget is spent once; the surrogate trains data-parallel (DDP), and rank 0 alone evaluates it and
+writes the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,15 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from attacker_client.attacks import build_attack
 from attacker_client.client import VictimClient
 from attacker_client.evaluate import EvalConfig, evaluate_stealing
+from common import distributed
 from common.checkpoints import InputSpec, card_for, load_checkpoint, read_card, save_checkpoint
 from common.datasets import ImageData, get_dataset, make_splits
-from common.devices import resolve_device, seed_everything
+from common.devices import seed_everything
 from common.models import ImageModel
 
 RESULT_FILE = "result.json"
@@ -103,34 +112,51 @@ def _versions() -> dict[str, str]:
 
 
 def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
-    """Run the attack of ``config`` against the victim API; returns (and writes) the result."""
+    """Run the attack of ``config`` against the victim API; returns (and writes) the result.
+
+    Under ``torchrun`` the other ranks return ``{"rank": r, "world_size": n}`` once training ends.
+    """
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    context, device = distributed.init_from_env(config.device)
     attack = build_attack(config.attack, config.params)
     seed_everything(attack.params.seed)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    with VictimClient(
-        config.url,
-        config.key.get_secret_value(),
-        cache=out / CACHE_FILE,
-        progress=config.progress,
-        cache_namespace=config.cache_namespace,
-    ) as client:
-        metadata = client.model_metadata(config.model)
+    with contextlib.ExitStack() as stack:
+        client: VictimClient | None = None
+        if context.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            client = stack.enter_context(
+                VictimClient(
+                    config.url,
+                    config.key.get_secret_value(),
+                    cache=out / CACHE_FILE,
+                    progress=config.progress,
+                    cache_namespace=config.cache_namespace,
+                )
+            )
+
+        def on_main(fn: Any) -> Any:
+            """``fn(client)`` run by rank 0, its result given to every rank."""
+            return distributed.broadcast_call(lambda: fn(client), context)
+
+        def oracle(images: np.ndarray) -> np.ndarray:
+            return on_main(lambda c: c.embed(config.model, images))
+
+        metadata = on_main(lambda c: c.model_metadata(config.model))
         if metadata["kind"] != "encoder":
             raise ValueError(f"{config.model!r} is a {metadata['kind']}, not an encoder")
         _, channels, height, width = metadata["inputs"][0]["shape"]
         spec = InputSpec(channels=channels, height=height, width=width)
         version = (metadata.get("versions") or [""])[0]
         pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
-        before = client.usage()
-        result = attack.steal(
-            lambda images: client.embed(config.model, images), pool, config.budget, device, config.progress
-        )
-        after = client.usage()
-        sent = client.images_sent
+        before = on_main(lambda c: c.usage())
+        result = attack.steal(oracle, pool, config.budget, device, config.progress)
+        after = on_main(lambda c: c.usage())
+        sent = on_main(lambda c: c.images_sent)
+
+    if not context.is_main:
+        return {"rank": context.rank, "world_size": context.world_size}
 
     surrogate = result.surrogate
     victim: ImageModel | None = None
@@ -191,6 +217,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
             "total": time.perf_counter() - started,
         },
         "device": str(device),
+        "world_size": context.world_size,
         "checkpoint": str(out / SURROGATE_DIR),
         "versions": _versions(),
     }

@@ -4,6 +4,9 @@ and the same command run again through the CLI spends nothing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -109,3 +112,36 @@ def test_rda_over_http_learns_and_reruns_for_free(redis_url: str, tmp_path: Path
         assert again["queries"]["spent"] == 0 and again["queries"]["cache_hits"] == 200
         assert again["queries"]["key_used"] == 200
         assert "queries spent (server): 0 of budget 200" in result.output
+
+
+def test_torchrun_two_ranks_train_one_surrogate_and_spend_the_budget_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU): rank 0 alone queries, the other rank gets
+    its answers, both train one surrogate by DDP, and the server charges the queries once."""
+    model_store = trained_encoder_store(tmp_path / "store")
+    out = tmp_path / "ddp"
+    bin_dir = Path(sys.executable).parent
+    with run_live_server(model_store, redis_url) as url, httpx.Client(base_url=url) as admin:
+        _, headers = create_key(admin, budget=256, models=["enc"])
+        key = headers["Authorization"].removeprefix("Bearer ")
+        args = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
+        args += [str(bin_dir / "stealrange"), "attack", "rda", "--url", url, "--key", key, "--model", "enc"]
+        args += ["--budget", "200", "--out", str(out), "--query-set", "synthetic", "--device", "cpu"]
+        args += ["--eval-sets", "synthetic", "--probe-train-size", "300", "--probe-epochs", "2"]
+        args += ["--no-mlp-probe", "--victim-checkpoint", str(model_store / "enc")]
+        # Twice the epochs of the single-process run: each rank takes half the batches.
+        for name, value in {**PARAMS, "epochs": 2 * PARAMS["epochs"]}.items():
+            args += ["-p", f"{name}={value}"]
+        env = {**os.environ, "STEALRANGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        usage = admin.get("/v1/usage", headers=headers).json()
+
+    record = json.loads((out / "result.json").read_text())
+    assert record["world_size"] == 2
+    assert record["queries"]["planned"] == record["queries"]["spent"] == record["queries"]["sent"] == 200
+    assert record["queries"]["key_used"] == 200 == usage["used"]
+    fidelity = record["evaluation"]["fidelity"]["cosine"]
+    assert fidelity > record["evaluation"]["untrained_fidelity"]["cosine"] + 0.1
+    assert done.stdout.count("queries spent (server): 200 of budget 200") == 1  # rank 0 reports
