@@ -12,6 +12,7 @@ else taken as text) and validated before any query is spent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,8 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from attacker_client.attacks import attack_class, list_attacks
+from attacker_client.attacks.classifier import classifier_attack_class, list_classifier_attacks
 from attacker_client.evaluate import EvalConfig
-from attacker_client.steal_encoder import RESULT_FILE, EncoderStealingConfig, steal_encoder
+from attacker_client.runs import RESULT_FILE
+from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
+from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from attacker_client.uq import list_uq_methods, uq_method_class
 from common import distributed
 
 attack_app = typer.Typer(help="Steal a victim model through its API.", no_args_is_help=True)
@@ -46,25 +51,36 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 @attack_app.command("list")
 def list_command() -> None:
-    """List the attacks and their papers."""
-    table = Table("attack", "paper", "queries per sample")
+    """List the attacks and their papers (and the UQ methods of ensemble stealing)."""
+    table = Table("attack", "steals", "paper", "queries per sample")
     for name in list_attacks():
         cls = attack_class(name)
-        table.add_row(name.replace("_", "-"), cls.paper, str(cls().queries_per_sample()))
+        table.add_row(name.replace("_", "-"), "encoder", cls.paper, str(cls().queries_per_sample()))
+    for name in list_classifier_attacks():
+        table.add_row(name, "classifier", classifier_attack_class(name).paper, "1")
     _console.print(table)
+    methods = Table("UQ method (ensemble --method)", "paper")
+    for name in list_uq_methods():
+        methods.add_row(name, uq_method_class(name).paper)
+    _console.print(methods)
 
 
 @attack_app.command("params")
-def params_command(attack: Annotated[str, typer.Argument(help="an attack name")]) -> None:
-    """Show an attack's parameters, defaults and meaning."""
-    try:
-        cls = attack_class(attack)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    table = Table("parameter", "default", "meaning", title=f"{cls.name}: {cls.paper}")
-    for name, field in cls.Params.model_fields.items():
-        table.add_row(name, json.dumps(field.get_default(call_default_factory=True)), field.description or "")
-    _console.print(table)
+def params_command(attack: Annotated[str, typer.Argument(help="an attack or UQ method name")]) -> None:
+    """Show an attack's (or a UQ method's) parameters, defaults and meaning."""
+    classes: list[Any] = []
+    for find in (attack_class, classifier_attack_class, uq_method_class):
+        with contextlib.suppress(ValueError):
+            classes.append(find(attack))
+    if not classes:
+        known = [*list_attacks(), *list_classifier_attacks(), *list_uq_methods()]
+        raise typer.BadParameter(f"unknown attack or UQ method {attack!r}; known: {', '.join(known)}")
+    for cls in classes:
+        table = Table("parameter", "default", "meaning", title=f"{cls.name}: {cls.paper}")
+        for name, field in cls.Params.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            table.add_row(name, json.dumps(default), field.description or "")
+        _console.print(table)
 
 
 def _summary(record: dict[str, Any]) -> Table:
@@ -163,3 +179,140 @@ def _make_attack_command(name: str) -> None:
 
 for _name in list_attacks():
     _make_attack_command(_name)
+
+
+def _classifier_summary(record: dict[str, Any]) -> Table:
+    evaluation = record["evaluation"]
+    title = record["attack"] + (f" ({record['method']})" if record.get("method") else "")
+    table = Table("surrogate", "accuracy", "agreement", "KL(victim||s)", "L1", title=title)
+
+    def row(label: str, scores: dict[str, float]) -> None:
+        cells = [scores.get(k) for k in ("accuracy", "agreement", "kl", "l1")]
+        table.add_row(label, *("-" if v is None else f"{v:.4f}" for v in cells))
+
+    if evaluation.get("victim"):
+        row("victim", evaluation["victim"])
+    row("single network", evaluation["single"])
+    if len(evaluation["members"]) > 1:
+        for i, scores in enumerate(evaluation["members"]):
+            row(f"member {i}", scores)
+        row("combined (mean)", evaluation["combined"])
+    return table
+
+
+def _run_classifier_attack(name: str, params: dict[str, Any], **options: Any) -> None:
+    """Build the config (validated before any query), run, print the summary."""
+    try:
+        config = ClassifierStealingConfig(attack=name, params=params, **options)
+        classifier_attack_class(name)(config.params)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    record = steal_classifier(config)
+    _console.print(_classifier_summary(record))
+    queries, diversity = record["queries"], record["evaluation"]["diversity"]
+    _console.print(
+        f"queries spent (server): {queries['spent']} of budget {record['budget']} "
+        f"({queries['cache_hits']} cache hits), output {record['output']}; members' variance "
+        f"{diversity['variance']:.5f}, disagreement {diversity['disagreement']:.4f}; "
+        f"{record['seconds']['total']:.0f} s on {record['device']}"
+    )
+    _console.print(f"result: {Path(config.out) / RESULT_FILE}")
+
+
+_URL = Annotated[str, typer.Option(envvar="STEALRANGE_URL", help="victim API base URL")]
+_KEY = Annotated[str, typer.Option(envvar="STEALRANGE_API_KEY", help="API key (sr-...)")]
+_MODEL = Annotated[str, typer.Option(help="victim classifier name")]
+_BUDGET = Annotated[int, typer.Option(min=1, help="most queries (images) to spend")]
+_OUT = Annotated[Path, typer.Option(help="run folder: surrogate(s), result.json, query cache")]
+_QUERY_SET = Annotated[str, typer.Option(help="attacker's query images (a dataset name)")]
+_QUERY_SPLIT = Annotated[str, typer.Option(help="train, test, or attacker (never seen by the victim)")]
+_OUTPUT = Annotated[str, typer.Option(help="auto, probabilities, top_k or label")]
+_PARAM = Annotated[list[str] | None, typer.Option("--param", "-p", help="attack parameter name=value")]
+_DEVICE = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:i")]
+_VICTIM = Annotated[Path | None, typer.Option(help="victim's checkpoint, for agreement / KL / L1")]
+_TEST_SIZE = Annotated[int, typer.Option(min=10, help="held-out test images scored")]
+_DATA_ROOT = Annotated[Path | None, typer.Option(envvar="STEALRANGE_DATA_ROOT")]
+
+
+@attack_app.command("knockoff")
+def knockoff_command(
+    url: _URL,
+    key: _KEY,
+    model: _MODEL,
+    budget: _BUDGET,
+    out: _OUT,
+    query_set: _QUERY_SET = "fashion_mnist",
+    query_split: _QUERY_SPLIT = "attacker",
+    output: _OUTPUT = "auto",
+    param: _PARAM = None,
+    device: _DEVICE = "auto",
+    victim_checkpoint: _VICTIM = None,
+    test_size: _TEST_SIZE = 2000,
+    data_root: _DATA_ROOT = None,
+) -> None:
+    """Knockoff Nets (Orekondy et al., CVPR 2019): one surrogate distilled from the victim's
+    probabilities, top-k or labels on a transfer set queried once."""
+    _run_classifier_attack(
+        "knockoff",
+        {**parse_params(param or []), "output": output},
+        url=url,
+        key=key,
+        model=model,
+        budget=budget,
+        out=out,
+        query_set=query_set,
+        query_split=query_split,
+        device=device,
+        victim_checkpoint=victim_checkpoint,
+        test_size=test_size,
+        data_root=data_root,
+    )
+
+
+@attack_app.command("ensemble")
+def ensemble_command(
+    url: _URL,
+    key: _KEY,
+    model: _MODEL,
+    budget: _BUDGET,
+    out: _OUT,
+    method: Annotated[
+        str, typer.Option(help="deep_ensemble, mc_dropout, swag, bbb or laplace")
+    ] = "deep_ensemble",
+    members: Annotated[int, typer.Option(min=2, help="members (networks or posterior samples)")] = 5,
+    method_param: Annotated[
+        list[str] | None, typer.Option("--method-param", "-m", help="UQ method parameter name=value")
+    ] = None,
+    query_set: _QUERY_SET = "fashion_mnist",
+    query_split: _QUERY_SPLIT = "attacker",
+    output: _OUTPUT = "auto",
+    param: _PARAM = None,
+    device: _DEVICE = "auto",
+    victim_checkpoint: _VICTIM = None,
+    test_size: _TEST_SIZE = 2000,
+    data_root: _DATA_ROOT = None,
+) -> None:
+    """Ensemble stealing (Pape et al., ESANN 2023): a UQ method's members share one transfer set
+    (queries paid once); their mean probability is the stolen model."""
+    params = {
+        **parse_params(param or []),
+        "output": output,
+        "method": method.replace("-", "_"),
+        "members": members,
+        "method_params": parse_params(method_param or []),
+    }
+    _run_classifier_attack(
+        "ensemble",
+        params,
+        url=url,
+        key=key,
+        model=model,
+        budget=budget,
+        out=out,
+        query_set=query_set,
+        query_split=query_split,
+        device=device,
+        victim_checkpoint=victim_checkpoint,
+        test_size=test_size,
+        data_root=data_root,
+    )

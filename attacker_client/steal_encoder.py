@@ -24,28 +24,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from attacker_client.attacks import build_attack
 from attacker_client.client import VictimClient
 from attacker_client.evaluate import EvalConfig, evaluate_stealing
+from attacker_client.runs import (
+    CACHE_FILE,
+    RESULT_FILE,
+    SURROGATE_DIR,
+    find_victim_checkpoint,
+    package_versions,
+    query_pool,
+)
 from common import distributed
-from common.checkpoints import InputSpec, card_for, load_checkpoint, read_card, save_checkpoint
-from common.datasets import ImageData, get_dataset, make_splits
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
 from common.devices import seed_everything
 from common.models import ImageModel
-
-RESULT_FILE = "result.json"
-CACHE_FILE = "query_cache.sqlite"
-SURROGATE_DIR = "surrogate"
 
 
 class EncoderStealingConfig(BaseModel):
@@ -71,44 +71,6 @@ class EncoderStealingConfig(BaseModel):
     cache_namespace: str | None = Field(
         None, description="keys the query cache instead of the URL (the range: stable across ports)"
     )
-
-
-def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:
-    """The attacker's query images, adapted to the victim's input (channels, size).
-
-    ``split`` is ``train`` or ``test`` of the dataset, or ``attacker``: the attacker's pool of
-    :func:`common.datasets.make_splits` (seed 0), the half of the train split the victim's recipe
-    did not train on (in-distribution data the victim never saw).
-    """
-    if split == "attacker":
-        data = make_splits(name, root=data_root).attacker_pool
-    else:
-        data = get_dataset(name, split, root=data_root)
-    return data.adapt(spec.channels, (spec.height, spec.width))
-
-
-def find_victim_checkpoint(config: EncoderStealingConfig, version: str) -> Path | None:
-    """The victim's local checkpoint: the one given, else ``$STEALRANGE_MODEL_STORE/<model>`` (or
-    ``./model_store/<model>``) when its weights' digest is the served version's."""
-    if config.victim_checkpoint is not None:
-        return config.victim_checkpoint
-    store = Path(os.environ.get("STEALRANGE_MODEL_STORE") or "model_store")
-    folder = store / config.model
-    try:
-        card = read_card(folder)
-    except (FileNotFoundError, ValueError):
-        return None
-    return folder if version and card.sha256.startswith(version) else None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        own = version("stealrange")
-    except PackageNotFoundError:
-        own = "unknown"
-    return {"stealrange": own, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
@@ -160,7 +122,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
 
     surrogate = result.surrogate
     victim: ImageModel | None = None
-    victim_path = find_victim_checkpoint(config, version)
+    victim_path = find_victim_checkpoint(config.victim_checkpoint, config.model, version)
     if victim_path is not None:
         victim, _ = load_checkpoint(victim_path, device)
     untrained = attack.build_surrogate(pool, surrogate.feature_dim) if config.untrained_reference else None
@@ -219,7 +181,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
         "device": str(device),
         "world_size": context.world_size,
         "checkpoint": str(out / SURROGATE_DIR),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -1,0 +1,250 @@
+"""One classifier-stealing run over the network: ``stealrange attack knockoff|ensemble``.
+
+1. Read the victim's metadata through the API (input shape, classes, the outputs this key may ask
+   for) and resolve the output mode (``auto``: probabilities, else top-k, else label).
+2. Read the key's usage, query the transfer set through :meth:`VictimClient.predict` (binary
+   tensors, chunked, retried, cached on disk in ``out/query_cache.sqlite``), read the usage again:
+   the queries spent are the server's count.
+3. Train the surrogate(s) (Knockoff: one; ensemble: a UQ method's members), logging the members'
+   predictions on held-out monitor images; save ``out/surrogate/`` (the single network) and
+   ``out/members/<i>/`` (each member), all safetensors + card.
+4. Evaluate on held-out test images of the victim's dataset (:mod:`attacker_client.evaluate_classifier`)
+   against the victim's white-box checkpoint when one is given or found in the local model store.
+5. Write ``out/result.json`` (and ``out/diversity.png``).
+
+Re-running the same command asks for the same images, which the cache answers for free.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from attacker_client.attacks.classifier import (
+    ClassifierOracle,
+    OutputMode,
+    answers_to_targets,
+    build_classifier_attack,
+)
+from attacker_client.client import VictimClient
+from attacker_client.evaluate_classifier import evaluate_classifier_stealing
+from attacker_client.runs import (
+    CACHE_FILE,
+    RESULT_FILE,
+    SURROGATE_DIR,
+    find_victim_checkpoint,
+    package_versions,
+    query_pool,
+)
+from attacker_client.uq.base import Monitor, member_probabilities
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.datasets import get_dataset
+from common.devices import resolve_device, seed_everything
+from common.models import Classifier
+
+MEMBERS_DIR = "members"
+DIVERSITY_PLOT = "diversity.png"
+
+
+class ClassifierStealingConfig(BaseModel):
+    """Everything one classifier-stealing run needs; the CLI and the range build it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    key: SecretStr
+    model: str
+    attack: str = "knockoff"
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
+    query_set: str = "fashion_mnist"
+    query_split: str = "attacker"
+    budget: int = Field(ge=1)
+    out: Path
+    device: str = "auto"
+    victim_checkpoint: Path | None = None
+    data_root: Path | None = None
+    test_size: int = Field(2000, ge=10, description="held-out test images for the scores")
+    monitor_size: int = Field(500, ge=2, description="held-out images for variance over training")
+    progress: bool | None = None
+    cache_namespace: str | None = None
+
+
+def resolve_output(requested: str, allowed: list[str]) -> OutputMode:
+    """The output mode to ask for: ``requested`` if this key may, ``auto``: the richest it may."""
+    available: list[OutputMode] = []
+    if "probabilities" in allowed:
+        available.append("probabilities")
+    if "top_k_probabilities" in allowed:
+        available.append("top_k")
+    if "label" in allowed:
+        available.append("label")
+    if not available:
+        raise ValueError(f"this key may ask for none of probabilities, top_k, label (allowed: {allowed})")
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise ValueError(f"this key may not ask for {requested!r}; it may ask for {', '.join(available)}")
+    return requested  # type: ignore[return-value]
+
+
+def plot_diversity(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Prediction variance across members and agreement with the victim over training iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    iterations = [r["iteration"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(iterations, [r["variance"] for r in rows], marker="o")
+    left.set(xlabel="training iterations", ylabel="prediction variance across members", title="diversity")
+    if "combined_agreement" in rows[0]:
+        for m in range(len(rows[-1]["member_agreement"])):
+            right.plot(
+                iterations,
+                [r["member_agreement"][m] if m < len(r["member_agreement"]) else np.nan for r in rows],
+                color="0.7",
+                lw=1,
+                label="members" if m == 0 else None,
+            )
+        right.plot(iterations, [r["combined_agreement"] for r in rows], color="C3", lw=2, label="combined")
+        right.set(xlabel="training iterations", ylabel="agreement with the victim", title="fidelity")
+        right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
+    """Run the classifier attack of ``config`` against the victim API; returns (and writes) the result."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    attack = build_classifier_attack(config.attack, config.params)
+    seed_everything(attack.params.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with VictimClient(
+        config.url,
+        config.key.get_secret_value(),
+        cache=out / CACHE_FILE,
+        progress=config.progress,
+        cache_namespace=config.cache_namespace,
+    ) as client:
+        metadata = client.model_metadata(config.model)
+        if metadata["kind"] != "classifier":
+            raise ValueError(f"{config.model!r} is a {metadata['kind']}, not a classifier")
+        _, channels, height, width = metadata["inputs"][0]["shape"]
+        spec = InputSpec(channels=channels, height=height, width=width)
+        classes = len(metadata["classes"])
+        version = (metadata.get("versions") or [""])[0]
+        mode = resolve_output(attack.params.output, metadata.get("allowed_outputs") or [])
+        k = min(attack.params.top_k, classes)
+
+        def ask(images: np.ndarray) -> np.ndarray:
+            answer = client.predict(config.model, images, mode=mode, top_k=k)
+            return answers_to_targets(answer, mode, classes, attack.params.top_k_fill)
+
+        pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
+        victim: Classifier | None = None
+        victim_path = find_victim_checkpoint(config.victim_checkpoint, config.model, version)
+        if victim_path is not None:
+            loaded, _ = load_checkpoint(victim_path, device)
+            victim = loaded if isinstance(loaded, Classifier) else None
+        dataset = metadata.get("dataset") or config.query_set
+        test = get_dataset(dataset, "test", root=config.data_root).adapt(channels, (height, width))
+        test = test.subset(torch.arange(min(len(test), config.test_size)))
+        monitor_images = test.images[: config.monitor_size]
+        reference = (
+            member_probabilities([victim], monitor_images, device)[0].argmax(dim=1)
+            if victim is not None
+            else None
+        )
+        monitor = Monitor(monitor_images, reference)
+
+        before = client.usage()
+        result = attack.steal(
+            ClassifierOracle(ask, classes, mode), pool, config.budget, device, config.progress, monitor
+        )
+        after = client.usage()
+        sent = client.images_sent
+
+    evaluation = evaluate_classifier_stealing(
+        result.members, result.single, test.images, test.labels, victim, device
+    )
+    name = f"{attack.name}-{config.model}"[:64]
+    card_kwargs: dict[str, Any] = {
+        "input": spec,
+        "dataset": config.query_set,
+        "classes": list(metadata["classes"]),
+        "training": {"attack": attack.name, "params": attack.params.model_dump(mode="json")},
+    }
+    save_checkpoint(
+        result.single,
+        card_for(
+            result.single, name, attack.params.architecture, metrics=evaluation["single"], **card_kwargs
+        ),
+        out / SURROGATE_DIR,
+    )
+    shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
+    for i, (member, scores) in enumerate(zip(result.members, evaluation["members"], strict=True)):
+        card = card_for(
+            member, f"{name[:56]}-m{i}", attack.params.architecture, metrics=scores, **card_kwargs
+        )
+        save_checkpoint(member, card, out / MEMBERS_DIR / str(i))
+    plot_diversity(
+        result.monitor, out / DIVERSITY_PLOT, f"{attack.name} ({result.extra.get('method', 'single')})"
+    )
+
+    record: dict[str, Any] = {
+        "kind": "classifier",
+        "attack": attack.name,
+        "paper": attack.paper,
+        "params": attack.params.model_dump(mode="json"),
+        "method": result.extra.get("method"),
+        "output": mode,
+        "victim": {
+            "url": config.url,
+            "model": config.model,
+            "version": version,
+            "input": list(spec.shape),
+            "classes": classes,
+            "reported_metrics": metadata.get("metrics", {}),
+            "checkpoint": str(victim_path) if victim_path else None,
+        },
+        "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
+        "budget": config.budget,
+        "samples": result.samples,
+        "queries": {
+            "planned": result.queries,
+            "spent": after["used"] - before["used"],
+            "sent": sent,
+            "cache_hits": result.queries - sent,
+            "key_used": after["used"],
+            "key_remaining": after.get("remaining"),
+        },
+        "evaluation": evaluation,
+        "monitor": result.monitor,
+        "history": result.history,
+        "seconds": {
+            "query": result.query_seconds,
+            "train": result.train_seconds,
+            "total": time.perf_counter() - started,
+        },
+        "device": str(device),
+        "checkpoint": str(out / SURROGATE_DIR),
+        "members": [str(out / MEMBERS_DIR / str(i)) for i in range(len(result.members))],
+        "versions": package_versions(),
+    }
+    (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,39 @@
+"""Uncertainty-quantification methods for ensemble stealing (Pape et al., ESANN 2023), one per file,
+registered by name (``build_uq_method("swag", {...})``):
+
+- ``deep_ensemble``: independent members (Lakshminarayanan et al., NeurIPS 2017)
+- ``mc_dropout``: dropout masks at prediction (Gal & Ghahramani, ICML 2016)
+- ``swag``: SWA-Gaussian from the SGD trajectory (Maddox et al., NeurIPS 2019)
+- ``bbb``: Bayes-by-backprop, mean-field variational weights (Blundell et al., ICML 2015)
+- ``laplace``: last-layer Laplace (Daxberger et al., NeurIPS 2021)
+"""
+
+from attacker_client.uq import bbb, deep_ensemble, laplace, mc_dropout, swag
+from attacker_client.uq.base import (
+    Monitor,
+    UQMethod,
+    UQParams,
+    build_uq_method,
+    diversity,
+    list_uq_methods,
+    member_probabilities,
+    register_uq_method,
+    uq_method_class,
+)
+
+__all__ = [
+    "Monitor",
+    "UQMethod",
+    "UQParams",
+    "bbb",
+    "build_uq_method",
+    "deep_ensemble",
+    "diversity",
+    "laplace",
+    "list_uq_methods",
+    "mc_dropout",
+    "member_probabilities",
+    "register_uq_method",
+    "swag",
+    "uq_method_class",
+]
