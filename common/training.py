@@ -113,6 +113,7 @@ def run_steps(
     on_epoch_end: EpochHook | None = None,
     progress: bool | None = None,
     net: nn.Module | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Generic loop: ``step(net, batch_indices, generator)`` returns the loss; this does the rest.
 
@@ -121,7 +122,8 @@ def run_steps(
     group it is wrapped in DistributedDataParallel, every rank draws the same permutation and takes
     its shard (:func:`common.distributed.shard`), and the step's own randomness (views) comes from a
     generator seeded by (seed, rank). Returns one history row per epoch: mean loss (over ranks),
-    learning rate, seconds, and what ``on_epoch_end`` adds (e.g. a kNN monitor).
+    learning rate, seconds, and what ``on_epoch_end`` adds (e.g. a kNN monitor). ``on_step(done)``
+    is called after every optimizer step with the number of steps done so far.
     """
     context = distributed.current()
     generator = seed_everything(cfg.seed)
@@ -157,6 +159,9 @@ def run_steps(
                 scheduler.step()
                 losses.append(float(loss.detach()))
                 done += 1
+                if on_step is not None:
+                    on_step(done)
+                    model.train()
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
             row = {
                 "epoch": float(epoch + 1),

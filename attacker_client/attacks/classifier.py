@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from common.datasets import ImageData
 from common.devices import autocast, memory_format
 from common.models import Classifier, build_model, list_backbones
-from common.training import EpochHook, TrainConfig, batch_to_device, run_steps
+from common.training import EpochHook, TrainConfig, batch_to_device, batches_per_epoch, run_steps
 
 OutputMode = Literal["probabilities", "top_k", "label"]
 SURROGATE_MEAN = 0.5
@@ -137,7 +137,24 @@ class ClassifierAttackParams(BaseModel):
         "random", description="transfer set: random, or balanced over the pool's own labels"
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
+    monitor_every: int | None = Field(
+        None, ge=1, description="log members' predictions every this many steps (null: every epoch)"
+    )
     seed: int = 0
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Optimizer steps per epoch over ``n`` transfer samples."""
+        return batches_per_epoch(n, self.batch_size)
+
+    def total_steps(self, n: int) -> int:
+        """Optimizer steps of one network's training over ``n`` transfer samples."""
+        total = self.epochs * self.steps_per_epoch(n)
+        return total if self.max_steps is None else min(total, self.max_steps)
+
+    def is_monitor_step(self, done: int, n: int) -> bool:
+        """True after the steps at which the members' predictions are logged (and the last one)."""
+        every = self.monitor_every or self.steps_per_epoch(n)
+        return done % every == 0 or done == self.total_steps(n)
 
     @field_validator("architecture")
     @classmethod
@@ -258,6 +275,7 @@ class ClassifierAttack(abc.ABC):
         extra_loss: Callable[[], torch.Tensor] | None = None,
         params: list[Any] | None = None,
         on_epoch_end: EpochHook | None = None,
+        on_step: Callable[[int], None] | None = None,
         progress: bool | None = None,
         description: str | None = None,
     ) -> list[dict[str, float]]:
@@ -286,6 +304,7 @@ class ClassifierAttack(abc.ABC):
             params=params,
             description=description or self.name,
             on_epoch_end=on_epoch_end,
+            on_step=on_step,
             progress=progress,
         )
 

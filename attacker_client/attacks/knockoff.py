@@ -22,7 +22,6 @@ from attacker_client.attacks.classifier import (
 )
 from attacker_client.uq.base import Monitor, member_probabilities
 from common.datasets import ImageData
-from common.training import batches_per_epoch
 
 
 @register_classifier_attack
@@ -46,18 +45,14 @@ class Knockoff(ClassifierAttack):
         data = self.query(oracle, samples)
         query_seconds = time.perf_counter() - started
         model = self.build_surrogate(samples.channels, oracle.num_classes)
-        steps = batches_per_epoch(len(data), self.params.batch_size)
+        per_epoch = self.params.steps_per_epoch(len(data))
 
-        def hook(epoch: int) -> dict[str, float]:
-            if monitor is not None:
-                iteration = (epoch + 1) * steps
-                if self.params.max_steps is not None:
-                    iteration = min(iteration, self.params.max_steps)
-                monitor.record(iteration, epoch + 1, member_probabilities([model], monitor.images))
-            return {}
+        def hook(done: int) -> None:
+            if monitor is not None and self.params.is_monitor_step(done, len(data)):
+                monitor.record(done, done / per_epoch, member_probabilities([model], monitor.images))
 
         started = time.perf_counter()
-        history = self.fit(model, data, device, on_epoch_end=hook, progress=progress)
+        history = self.fit(model, data, device, on_step=hook, progress=progress)
         model.cpu()
         return ClassifierStealingResult(
             members=[model],

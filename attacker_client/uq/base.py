@@ -9,16 +9,17 @@ from a Gaussian posterior (SWAG, Bayes-by-backprop, last-layer Laplace). The sto
 mean of the members' probabilities.
 
 While training, each method logs the members' predictions on held-out monitor images (no queries
-are spent on them) at every epoch end; :class:`Monitor` turns them into the prediction variance
-across members, their pairwise disagreement and, when the victim's labels of the monitor images
-are known (a white-box reference), each member's and the combination's agreement with the victim:
-the paper's "variance over training iterations".
+are spent on them) every ``monitor_every`` steps (default: every epoch); :class:`Monitor` turns
+them into the prediction variance across members, their pairwise disagreement and, when the
+victim's labels of the monitor images are known (a white-box reference), each member's and the
+combination's agreement with the victim: the paper's "variance over training iterations".
 """
 
 from __future__ import annotations
 
 import abc
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,7 +27,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from common.models import Classifier
-from common.training import batches_per_epoch
 
 if TYPE_CHECKING:
     from attacker_client.attacks.classifier import ClassifierAttack, TransferSet
@@ -92,8 +92,9 @@ class Monitor:
     reference: torch.Tensor | None = None  # the victim's labels of them, when known
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def record(self, iteration: int, epoch: int, probs: torch.Tensor, **extra: Any) -> None:
-        """Log members' probabilities ``[M, n, C]`` at ``iteration`` (optimizer steps so far)."""
+    def record(self, iteration: int, epoch: float, probs: torch.Tensor, **extra: Any) -> None:
+        """Log members' probabilities ``[M, n, C]`` at ``iteration`` (optimizer steps so far; ``epoch``:
+        the epochs they make)."""
         self.rows.append(
             {"iteration": iteration, "epoch": epoch, **diversity(probs, self.reference), **extra}
         )
@@ -134,24 +135,22 @@ class UQMethod(abc.ABC):
     def sample_members(self, members: int, seed: int) -> list[Classifier]:
         """``members`` plain classifiers realising the method's possible surrogates (seeded)."""
 
-    def epoch_recorder(
-        self, attack: ClassifierAttack, data: TransferSet, monitor: Monitor | None, realise: Any, **extra: Any
-    ) -> Any:
-        """An ``on_epoch_end`` hook logging ``realise()`` (a list of members) on the monitor."""
-        steps = self.steps_per_epoch(attack, data)
-        cap = attack.params.max_steps
+    @staticmethod
+    def step_recorder(
+        attack: ClassifierAttack,
+        data: TransferSet,
+        monitor: Monitor | None,
+        realise: Callable[[], list[Classifier]],
+    ) -> Callable[[int], None]:
+        """An ``on_step`` hook logging ``realise()`` (the members now) on the monitor at the attack's
+        monitor steps (:meth:`ClassifierAttackParams.is_monitor_step`)."""
+        per_epoch = attack.params.steps_per_epoch(len(data))
 
-        def hook(epoch: int) -> dict[str, float]:
-            if monitor is not None:
-                iteration = (epoch + 1) * steps if cap is None else min(cap, (epoch + 1) * steps)
-                monitor.record(iteration, epoch + 1, member_probabilities(realise(), monitor.images), **extra)
-            return {}
+        def hook(done: int) -> None:
+            if monitor is not None and attack.params.is_monitor_step(done, len(data)):
+                monitor.record(done, done / per_epoch, member_probabilities(realise(), monitor.images))
 
         return hook
-
-    def steps_per_epoch(self, attack: ClassifierAttack, data: TransferSet) -> int:
-        """Optimizer steps per epoch of the attack's loop (for the monitor's iteration count)."""
-        return batches_per_epoch(len(data), attack.params.batch_size)
 
 
 _METHODS: dict[str, type[UQMethod]] = {}

@@ -95,7 +95,7 @@ class BayesByBackprop(UQMethod):
                 torch.zeros((), device=device),
             )
 
-        hook = self.epoch_recorder(
+        hook = self.step_recorder(
             attack, data, monitor, lambda: self.sample_members(members, attack.params.seed)
         )
         attack.fit(
@@ -109,7 +109,7 @@ class BayesByBackprop(UQMethod):
                 {"params": list(model.parameters()), "weight_decay": 0.0},
                 {"params": list(rho.values()), "weight_decay": 0.0},
             ],
-            on_epoch_end=hook,
+            on_step=hook,
             progress=progress,
         )
         return model

@@ -54,20 +54,21 @@ class DeepEnsemble(UQMethod):
         models = [attack.build_surrogate(channels, classes, seed + SEED_STRIDE * m) for m in range(members)]
         devices = member_devices(device, members)
         snapshots: list[list[torch.Tensor]] = [[] for _ in range(members)]
-        steps = self.steps_per_epoch(attack, data)
+        marks: list[int] = []
 
         def train_member(m: int) -> None:
-            def hook(epoch: int) -> dict[str, float]:
-                if monitor is not None:
+            def hook(done: int) -> None:
+                if monitor is not None and attack.params.is_monitor_step(done, len(data)):
                     snapshots[m].append(member_probabilities([models[m]], monitor.images)[0])
-                return {}
+                    if m == 0:
+                        marks.append(done)
 
             attack.fit(
                 models[m],
                 data,
                 devices[m],
                 seed=seed + SEED_STRIDE * m,
-                on_epoch_end=hook,
+                on_step=hook,
                 progress=progress,
                 description=f"{attack.name} member {m + 1}/{members}",
             )
@@ -79,10 +80,9 @@ class DeepEnsemble(UQMethod):
             for m in range(members):
                 train_member(m)
         if monitor is not None:
-            cap = attack.params.max_steps
-            for epoch in range(min(len(s) for s in snapshots)):
-                iteration = (epoch + 1) * steps if cap is None else min(cap, (epoch + 1) * steps)
-                monitor.record(iteration, epoch + 1, torch.stack([s[epoch] for s in snapshots]))
+            per_epoch = attack.params.steps_per_epoch(len(data))
+            for i, done in enumerate(marks):
+                monitor.record(done, done / per_epoch, torch.stack([s[i] for s in snapshots]))
         self.trained = tuple(model.to(device) for model in models)
         return self.trained[0]
 

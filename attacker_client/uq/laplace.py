@@ -121,8 +121,8 @@ class LastLayerLaplace(UQMethod):
             generator = torch.Generator().manual_seed(attack.params.seed)
             return [with_head(model, posterior.sample(generator)) for _ in range(members)]
 
-        hook = self.epoch_recorder(attack, data, monitor, members_now)
-        attack.fit(model, data, device, on_epoch_end=hook, progress=progress)
+        hook = self.step_recorder(attack, data, monitor, members_now)
+        attack.fit(model, data, device, on_step=hook, progress=progress)
         self.posterior = self.fit_posterior(model, data.images, len(data))
         return model
 

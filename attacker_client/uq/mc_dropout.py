@@ -64,10 +64,10 @@ class MCDropout(UQMethod):
         def logits(model: Classifier, x: torch.Tensor) -> torch.Tensor:
             return model.head(F.dropout(model.features(x), p, training=True))
 
-        hook = self.epoch_recorder(
+        hook = self.step_recorder(
             attack, data, monitor, lambda: self.sample_members(members, attack.params.seed)
         )
-        attack.fit(self.model, data, device, logits_fn=logits, on_epoch_end=hook, progress=progress)
+        attack.fit(self.model, data, device, logits_fn=logits, on_step=hook, progress=progress)
         return self.model
 
     def sample_members(self, members: int, seed: int) -> list[Classifier]:

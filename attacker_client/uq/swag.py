@@ -1,7 +1,8 @@
 """SWAG, SWA-Gaussian (Maddox et al., NeurIPS 2019), as ensemble stealing members.
 
-The surrogate trains as usual; from epoch ``start`` (default: half of the epochs) the weights are
-collected at the end of every epoch (the paper's one snapshot per epoch) into a running mean
+The surrogate trains as usual; after ``start`` (default: half) of its steps the weights are
+collected once per epoch (the paper's schedule; ``collect_every`` steps when set, for runs of few
+epochs) into a running mean
 ``θ_SWA``, a running second moment (diagonal variance ``Σ_diag = mean(θ²) - θ_SWA²``) and the last
 ``max_rank`` (default 20, the paper's K) deviations ``D = [θ_i - θ_SWA]``. A member is a sample
 
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 class SWAGParams(UQParams):
     """SWAG's collection and sampling settings."""
 
-    start: float = Field(0.5, ge=0, lt=1, description="fraction of the epochs before collection starts")
+    start: float = Field(0.5, ge=0, lt=1, description="fraction of the steps before collection starts")
+    collect_every: int | None = Field(
+        None, ge=1, description="steps between snapshots (null: one per epoch, the paper's)"
+    )
     max_rank: int = Field(20, ge=2, description="K: deviations kept for the low-rank covariance")
     scale: float = Field(0.5, gt=0, description="covariance scale of the samples")
     bn_images: int = Field(2048, ge=1, description="transfer-set images to recompute BatchNorm on")
@@ -121,21 +125,23 @@ class SWAG(UQMethod):
         self.model = model = attack.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]))
         self.posterior = posterior = SWAGPosterior(self.params.max_rank)
         self.bn_images = data.images[: self.params.bn_images]
-        start = math.floor(self.params.start * attack.params.epochs)
-        record = self.epoch_recorder(
+        per_epoch = attack.params.steps_per_epoch(len(data))
+        start = math.floor(self.params.start * attack.params.total_steps(len(data)))
+        every = self.params.collect_every or per_epoch
+        record = self.step_recorder(
             attack,
             data,
             monitor,
             lambda: self.sample_members(members, attack.params.seed) if posterior.count else [model],
         )
 
-        def hook(epoch: int) -> dict[str, float]:
-            if epoch >= start:
+        def hook(done: int) -> None:
+            if done >= start and done % every == 0:
                 posterior.collect(parameters_to_vector(model.parameters()))
-            return record(epoch)
+            record(done)
 
-        attack.fit(model, data, device, on_epoch_end=hook, progress=progress)
-        if posterior.count == 0:  # stopped early (max_steps) before collecting: keep the last weights
+        attack.fit(model, data, device, on_step=hook, progress=progress)
+        if posterior.count == 0:  # too few steps to collect: keep the last weights
             posterior.collect(parameters_to_vector(model.parameters()))
         return self.mean_model()
 
