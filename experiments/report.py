@@ -2,11 +2,13 @@
 
 ``report.md`` holds, per victim, a table with attacks as rows and defenses as columns, each cell
 giving at every budget the surrogate's linear-probe accuracy / the victim's, and the surrogate's
-cosine fidelity to the victim; the defenses' cost to honest users; failed cells with their errors;
-and the queries each key spent over time. Plots (PNG, matplotlib):
+cosine fidelity to the victim (encoders), or its agreement with the victim and test accuracy
+(classifiers; for ensembles also the single network's agreement and the members' diversity); the
+defenses' cost to honest users; failed cells with their errors; and the queries each key spent
+over time. Plots (PNG, matplotlib):
 
 - ``quality_vs_queries.png``: surrogate quality against queries spent, one line per defense, one
-  column per attack (fidelity on top, linear probe below);
+  column per attack (fidelity or agreement on top, linear probe or test accuracy below);
 - ``tradeoff.png``: attack success at the largest budget against the defense's cost to honest
   users (the trade-off frontier: a good defense sits low and to the left);
 - ``audit.png``: cumulative images charged against time, per key (from its audit stream).
@@ -67,6 +69,43 @@ def cost_of(costs: dict[str, Any], line: dict[str, Any]) -> float | None:
     return None if cost is None else cost.get("linear_probe_drop", cost.get("accuracy_drop"))
 
 
+def is_classifier(line: dict[str, Any]) -> bool:
+    return line.get("kind") == "classifier"
+
+
+def fidelity_of(line: dict[str, Any]) -> float | None:
+    """Attack success: agreement with the victim (classifiers), cosine fidelity (encoders)."""
+    if is_classifier(line):
+        return (line.get("surrogate") or {}).get("agreement")
+    return (line.get("fidelity") or {}).get("cosine")
+
+
+def quality_of(line: dict[str, Any]) -> float | None:
+    """The surrogate's own task score: test accuracy (classifiers), linear probe (encoders)."""
+    if is_classifier(line):
+        return (line.get("surrogate") or {}).get("accuracy")
+    return _first(line.get("surrogate"), "linear_probe")
+
+
+def victim_quality_of(line: dict[str, Any]) -> float | None:
+    """The victim's score on the same task."""
+    if is_classifier(line):
+        return (line.get("victim_quality") or {}).get("accuracy")
+    return _first(line.get("victim_quality"), "linear_probe")
+
+
+def _cell_text(line: dict[str, Any]) -> str:
+    budget = _budget(line["budget"])
+    if is_classifier(line):
+        text = f"{budget}: agr {_fmt(fidelity_of(line))}, acc {_fmt(quality_of(line))}"
+        if len(line.get("members") or []) > 1:
+            text += f" (single {_fmt((line.get('single') or {}).get('agreement'))})"
+        return text
+    return (
+        f"{budget}: {_fmt(quality_of(line))} / {_fmt(victim_quality_of(line))}, cos {_fmt(fidelity_of(line))}"
+    )
+
+
 def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
     costs = _costs(run_dir)
     ok = [line for line in lines if line["status"] == "ok"]
@@ -74,10 +113,13 @@ def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
     name = ok[0]["scenario"] if ok else (failed[0]["scenario"] if failed else run_dir.name)
     out = [f"# Range report: {name}", ""]
     out.append(
-        f"{len(lines)} cells: {len(ok)} finished, {len(failed)} failed. Each table cell: at every budget, "
-        "the surrogate's linear-probe accuracy / the victim's on the first downstream set, and the "
-        "surrogate's cosine fidelity to the victim's embeddings on held-out images. Queries are those "
-        "the server charged (its usage), not what the attacker planned."
+        f"{len(lines)} cells: {len(ok)} finished, {len(failed)} failed. Each table cell, at every budget: "
+        "for an encoder victim, the surrogate's linear-probe accuracy / the victim's on the first "
+        "downstream set and the surrogate's cosine fidelity to the victim's embeddings on held-out "
+        "images; for a classifier victim, the surrogate's agreement with the victim (fidelity) and its "
+        "test accuracy on held-out images (for an ensemble: the members' mean probability, and its "
+        "single network's agreement). Queries are those the server charged (its usage), not what the "
+        "attacker planned."
     )
     out.append("")
     for victim in sorted({line["victim"] for line in lines}):
@@ -98,12 +140,7 @@ def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
                     (r for r in rows if r["attack"] == attack and r["defense"] == defense),
                     key=lambda r: r["budget"],
                 ):
-                    s, v = (
-                        _first(line["surrogate"], "linear_probe"),
-                        _first(line["victim_quality"], "linear_probe"),
-                    )
-                    cosine = (line.get("fidelity") or {}).get("cosine")
-                    parts.append(f"{_budget(line['budget'])}: {_fmt(s)} / {_fmt(v)}, cos {_fmt(cosine)}")
+                    parts.append(_cell_text(line))
                 for line in failed:
                     if line["victim"] == victim and line["attack"] == attack and line["defense"] == defense:
                         parts.append(f"{_budget(line['budget'])}: **{line.get('error_code') or 'failed'}**")
@@ -112,20 +149,29 @@ def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
         untrained = [line["untrained_fidelity"]["cosine"] for line in rows if line.get("untrained_fidelity")]
         if untrained:
             out += ["", f"An untrained surrogate scores cos {min(untrained):.3f}-{max(untrained):.3f}."]
+        victim_scores = [v for v in (victim_quality_of(line) for line in rows if is_classifier(line)) if v]
+        if victim_scores:
+            out += ["", f"The victim's test accuracy: {max(victim_scores):.3f}."]
+        out += ensemble_table([line for line in rows if len(line.get("members") or []) > 1])
         out.append("")
     if costs:
         out += [
             "## Cost to honest users",
             "",
-            "| served model | defense | cosine | linear probe | defended probe | drop |",
+            "Encoders: cosine of defended to undefended embeddings and an honest user's linear probe. "
+            "Classifiers: test accuracy with and without the defense, top-1 agreement, L1 distortion.",
+            "",
+            "| served model | defense | cosine / agreement | score | defended score | drop | L1 |",
+            "|---|---|---|---|---|---|---|",
         ]
-        out.append("|---|---|---|---|---|---|")
         for served, cost in costs.items():
-            out.append(
-                f"| {served} | {cost.get('defense')} | {_fmt(cost.get('cosine'))} | "
-                f"{_fmt(cost.get('linear_probe'))} | {_fmt(cost.get('defended_linear_probe'))} | "
-                f"{_fmt(cost.get('linear_probe_drop'))} |"
-            )
+            if cost.get("kind") == "classifier":
+                cells = [cost.get("agreement"), cost.get("accuracy"), cost.get("defended_accuracy")]
+                cells += [cost.get("accuracy_drop"), cost.get("l1")]
+            else:
+                cells = [cost.get("cosine"), cost.get("linear_probe"), cost.get("defended_linear_probe")]
+                cells += [cost.get("linear_probe_drop"), None]
+            out.append(f"| {served} | {cost.get('defense')} | " + " | ".join(_fmt(c) for c in cells) + " |")
         out.append("")
     out += ["## Plots", ""]
     out += [f"![{plot}]({plot})" for plot in PLOTS if (run_dir / plot).is_file()]
@@ -145,6 +191,30 @@ def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
     wall = sum(line.get("wall_seconds", 0.0) for line in lines)
     out += ["", f"Cells' wall time: {wall:.0f} s in all."]
     return "\n".join(out) + "\n"
+
+
+def ensemble_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Ensemble stealing: single network vs combination, and the members' diversity (Pape et al.)."""
+    if not rows:
+        return []
+    out = [
+        "",
+        "Ensembles: agreement of the single network and of the members' mean, and the members' "
+        "prediction variance and pairwise disagreement on held-out images.",
+        "",
+        "| attack | defense | budget | single | combined | gain | variance | disagreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for line in sorted(rows, key=lambda r: (r["attack"], r["defense"], r["budget"])):
+        single, combined = (line.get("single") or {}).get("agreement"), fidelity_of(line)
+        gain = None if single is None or combined is None else combined - single
+        diversity = line.get("diversity") or {}
+        out.append(
+            f"| {line['attack']} | {line['defense']} | {_budget(line['budget'])} | {_fmt(single)} | "
+            f"{_fmt(combined)} | {_fmt(gain)} | {_fmt(diversity.get('variance'), 5)} | "
+            f"{_fmt(diversity.get('disagreement'))} |"
+        )
+    return out
 
 
 def plots(run_dir: Path, lines: list[dict[str, Any]]) -> None:
@@ -172,20 +242,19 @@ def plots(run_dir: Path, lines: list[dict[str, Any]]) -> None:
                 rows.sort(key=lambda r: r["queries"]["spent"])
                 x = [r["queries"]["spent"] for r in rows]
                 label = defense if len(series) == 1 else f"{defense} ({victim})"
-                cos = [(r.get("fidelity") or {}).get("cosine") for r in rows]
-                lp = [_first(r["surrogate"], "linear_probe") for r in rows]
-                axes[0][j].plot(x, cos, "o-", color=colors[defense], label=label)
-                axes[1][j].plot(x, lp, "o-", color=colors[defense], label=label)
-        victim_lp = [
-            _first(line["victim_quality"], "linear_probe") for line in ok if line["attack"] == attack
-        ]
+                fidelity = [fidelity_of(r) for r in rows]
+                quality = [quality_of(r) for r in rows]
+                axes[0][j].plot(x, fidelity, "o-", color=colors[defense], label=label)
+                axes[1][j].plot(x, quality, "o-", color=colors[defense], label=label)
+        victim_lp = [victim_quality_of(line) for line in ok if line["attack"] == attack]
         if any(v is not None for v in victim_lp):
             axes[1][j].axhline(
                 max(v for v in victim_lp if v is not None), color="k", ls="--", lw=1, label="victim"
             )
+        classifier = any(is_classifier(line) for line in ok if line["attack"] == attack)
         axes[0][j].set_title(attack)
-        axes[0][j].set_ylabel("cosine fidelity to the victim")
-        axes[1][j].set_ylabel("linear probe accuracy")
+        axes[0][j].set_ylabel("agreement with the victim" if classifier else "cosine fidelity to the victim")
+        axes[1][j].set_ylabel("test accuracy" if classifier else "linear probe accuracy")
         axes[1][j].set_xlabel("queries spent (server usage)")
         axes[0][j].grid(alpha=0.3)
         axes[1][j].grid(alpha=0.3)
@@ -204,15 +273,15 @@ def plots(run_dir: Path, lines: list[dict[str, Any]]) -> None:
             if not rows:
                 continue
             top = max(rows, key=lambda r: r["budget"])
-            cost, cosine = cost_of(costs, top), (top.get("fidelity") or {}).get("cosine")
+            cost, cosine = cost_of(costs, top), fidelity_of(top)
             if cost is None or cosine is None:
                 continue
             ax.scatter(cost, cosine, color=colors[defense], marker=markers[i % len(markers)], s=60)
             ax.annotate(
                 f"{defense}/{attack}", (cost, cosine), fontsize=7, xytext=(4, 3), textcoords="offset points"
             )
-    ax.set_xlabel("cost to honest users (linear-probe accuracy drop)")
-    ax.set_ylabel("attack success at the largest budget (cosine fidelity)")
+    ax.set_xlabel("cost to honest users (accuracy or linear-probe accuracy drop)")
+    ax.set_ylabel("attack success at the largest budget (cosine fidelity or agreement)")
     ax.set_title("Defense trade-off: low and to the left is better")
     ax.grid(alpha=0.3)
     fig.tight_layout()

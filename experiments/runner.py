@@ -9,7 +9,8 @@
 4. starts the victim API as its own process group on a free loopback port (embedded Redis, or
    ``redis_url``) and stops it on every exit path, Ctrl-C included;
 5. per cell: creates an API key with the cell's budget and rate (admin API), runs the attack with
-   the attacker client (:func:`attacker_client.steal_encoder.steal_encoder`: queries over HTTP,
+   the attacker client (:func:`attacker_client.steal_encoder.steal_encoder` for encoders,
+   :func:`attacker_client.steal_classifier.steal_classifier` for classifiers: queries over HTTP,
    trains, evaluates), reads the key's audit stream, and appends one line to ``results.jsonl``;
    a failing cell is recorded with its error and the run goes on;
 6. writes the report (:mod:`experiments.report`).
@@ -35,6 +36,7 @@ import yaml
 from rich.console import Console
 
 from attacker_client.errors import VictimAPIError
+from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
 from common.checkpoints import CARD_FILE, read_card
 from defenses.config import DefenseConfig, write_defense_config
@@ -120,11 +122,12 @@ def audit_summary(events: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[str, Any]:
-    """The results.jsonl line of a finished cell."""
+    """The results.jsonl line of a finished cell (encoder or classifier stealing)."""
     evaluation = record["evaluation"]
-    return {
+    line: dict[str, Any] = {
         "cell": cell.id,
         "status": "ok",
+        "kind": cell.victim.kind,
         "scenario": scenario.name,
         "victim": cell.victim.model,
         "defense": cell.defense.name,
@@ -136,6 +139,22 @@ def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[st
         "budget": cell.budget,
         "seed": cell.seed,
         "queries": record["queries"],
+        "seconds": record["seconds"],
+        "device": record["device"],
+        "versions": record["versions"],
+    }
+    if cell.victim.kind == "classifier":
+        return line | {
+            "method": record.get("method"),
+            "output": record["output"],
+            "surrogate": evaluation["combined"],
+            "single": evaluation["single"],
+            "members": evaluation["members"],
+            "diversity": evaluation["diversity"],
+            "victim_quality": evaluation["victim"],
+            "monitor": record["monitor"],
+        }
+    return line | {
         "surrogate": evaluation["surrogate"],
         "victim_quality": evaluation["victim"],
         "untrained": evaluation["untrained"],
@@ -143,10 +162,42 @@ def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[st
         "recovered": evaluation["recovered"],
         "fidelity": evaluation["fidelity"],
         "untrained_fidelity": evaluation["untrained_fidelity"],
-        "seconds": record["seconds"],
-        "device": record["device"],
-        "versions": record["versions"],
     }
+
+
+def steal(
+    cell: Cell,
+    scenario: Scenario,
+    url: str,
+    api_key: str,
+    out: Path,
+    victim: Path,
+    data_root: Path | None,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Run the cell's attack through the attacker client; its result record."""
+    common: dict[str, Any] = {
+        "url": url,
+        "key": api_key,
+        "model": cell.served_name,
+        "attack": cell.attack.attack,
+        "params": {**cell.attack.params, "seed": cell.seed},
+        "query_set": scenario.query_set,
+        "query_split": scenario.query_split,
+        "budget": cell.budget,
+        "out": out,
+        "device": scenario.device,
+        "victim_checkpoint": victim,
+        "data_root": data_root,
+        "progress": progress,
+        "cache_namespace": f"{scenario.name}/{cell.served_name}",
+    }
+    if cell.victim.kind == "classifier":
+        spec = scenario.classifier_evaluation
+        return steal_classifier(
+            ClassifierStealingConfig(**common, test_size=spec.test_size, monitor_size=spec.monitor_size)
+        )
+    return steal_encoder(EncoderStealingConfig(**common, evaluation=scenario.evaluation))
 
 
 def run_cell(
@@ -180,25 +231,7 @@ def run_cell(
         "seed": cell.seed,
     }
     try:
-        record = steal_encoder(
-            EncoderStealingConfig(
-                url=url,
-                key=api_key,
-                model=cell.served_name,
-                attack=cell.attack.attack,
-                params={**cell.attack.params, "seed": cell.seed},
-                query_set=scenario.query_set,
-                query_split=scenario.query_split,
-                budget=cell.budget,
-                out=out,
-                device=scenario.device,
-                victim_checkpoint=victims[cell.victim.model],
-                data_root=data_root,
-                evaluation=scenario.evaluation,
-                progress=progress,
-                cache_namespace=f"{scenario.name}/{cell.served_name}",
-            )
-        )
+        record = steal(cell, scenario, url, api_key, out, victims[cell.victim.model], data_root, progress)
         line = cell_line(cell, scenario, record)
     except Exception as exc:  # recorded; the run goes on
         out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import defenses.output  # noqa: F401  (registers the output defenses)
-from attacker_client.attacks import attack_class, build_attack
+from attacker_client.attacks import attack_class, build_attack, list_attacks
+from attacker_client.attacks.classifier import (
+    build_classifier_attack,
+    classifier_attack_class,
+    list_classifier_attacks,
+)
 from attacker_client.evaluate import EvalConfig
 from common.datasets import list_datasets
 from defenses.base import DefensePipeline, ModelKind
@@ -55,7 +60,11 @@ class DefenseSpec(Strict):
 
 
 class AttackSpec(Strict):
-    """An attack from the registry with its parameters (``name`` tells two settings apart)."""
+    """An attack from the registries with its parameters (``name`` tells two settings apart).
+
+    Encoder attacks (rda, stolen_encoder, ...) run against encoder victims, classifier attacks
+    (knockoff, ensemble) against classifier victims; each victim meets the attacks of its kind.
+    """
 
     attack: str
     name: str | None = Field(None, pattern=NAME)
@@ -64,6 +73,30 @@ class AttackSpec(Strict):
     @property
     def label(self) -> str:
         return self.name or self.attack.replace("_", "-")
+
+    @property
+    def kind(self) -> ModelKind:
+        """The kind of victim this attack steals (an unknown attack raises ``ValueError``)."""
+        try:
+            attack_class(self.attack)
+            return "encoder"
+        except ValueError:
+            classifier_attack_class(self.attack)
+            return "classifier"
+
+    def check(self) -> None:
+        """Build the attack with its parameters (validation only)."""
+        if self.kind == "encoder":
+            build_attack(self.attack, self.params)
+        else:
+            build_classifier_attack(self.attack, self.params)
+
+
+class ClassifierEvalSpec(Strict):
+    """How stolen classifiers are scored: held-out test images of the victim's dataset."""
+
+    test_size: int = Field(2000, ge=10)
+    monitor_size: int = Field(500, ge=2, description="images on which members are logged in training")
 
 
 class DefenseCostSpec(Strict):
@@ -110,6 +143,7 @@ class Scenario(Strict):
     query_set: str = "fashion_mnist"
     query_split: Literal["train", "test", "attacker"] = "attacker"
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    classifier_evaluation: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
     defense_cost: DefenseCostSpec | None = Field(default_factory=DefenseCostSpec)
     workers: int = Field(1, ge=1, description="uvicorn workers of the victim API")
     device: str = "auto"
@@ -131,18 +165,19 @@ class Scenario(Strict):
                 raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(known))}")
         for i, attack in enumerate(self.attacks):
             try:
-                attack_class(attack.attack)
-            except ValueError as exc:
-                raise ValueError(f"attacks.{i}.attack: {exc}") from None
+                attack.kind  # noqa: B018  (raises for an unknown attack)
+            except ValueError:
+                raise ValueError(
+                    f"attacks.{i}.attack: unknown attack {attack.attack!r}; known: "
+                    f"{', '.join([*list_attacks(), *list_classifier_attacks()])}"
+                ) from None
             try:
-                build_attack(attack.attack, attack.params)
+                attack.check()
             except (ValueError, ValidationError) as exc:
                 raise ValueError(f"attacks.{i}.params: {exc}") from None
         for victim in self.victims:
-            if victim.kind != "encoder":
-                raise ValueError(
-                    f"victims: {victim.model} is a {victim.kind}; the range's attacks steal encoders"
-                )
+            if not any(attack.kind == victim.kind for attack in self.attacks):
+                raise ValueError(f"victims: {victim.model} is a {victim.kind} and no attack steals one")
             for i, defense in enumerate(self.defenses):
                 try:
                     DefensePipeline.from_specs(defense.pipeline, victim.kind)
@@ -153,7 +188,7 @@ class Scenario(Strict):
         return self
 
     def cells(self) -> list[Cell]:
-        """Every (victim, defense, attack, budget, seed), in that nesting order."""
+        """Every (victim, defense, attack of the victim's kind, budget, seed), in that nesting order."""
         return [
             Cell(
                 id=f"{victim.model}__{defense.name}__{attack.label}__{budget}__s{seed}",
@@ -166,6 +201,7 @@ class Scenario(Strict):
             for victim in self.victims
             for defense in self.defenses
             for attack in self.attacks
+            if attack.kind == victim.kind
             for budget in self.budgets
             for seed in self.seeds
         ]

@@ -33,6 +33,11 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     enc = build_model("encoder", "small_cnn", 1, [0.5], [0.5], feature_dim=32)
     spec = InputSpec(channels=1, height=28, width=28)
     save_checkpoint(enc, card_for(enc, "enc", "small_cnn", input=spec, dataset="synthetic"), store / "enc")
+    clf = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=32)
+    card = card_for(
+        clf, "clf", "small_cnn", input=spec, dataset="synthetic", classes=[str(i) for i in range(10)]
+    )
+    save_checkpoint(clf, card, store / "clf")
     return store
 
 
@@ -205,6 +210,63 @@ def test_interrupt_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path, sig
     assert not pid_file.exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(victim, 0)  # the victim's whole process group is gone
+
+
+TINY_CLASSIFIER_ATTACK = {"epochs": 2, "batch_size": 16, "feature_dim": 16, "lr_step": None}
+
+
+def test_classifier_scenario_end_to_end(tiny_store: Path, tmp_path: Path) -> None:
+    """A classifier victim behind classifier defenses, stolen by Knockoff and an ensemble."""
+    scenario = tiny_scenario(
+        tiny_store,
+        name="tiny-clf",
+        victims=[{"model": "clf", "kind": "classifier", "profile": None}],
+        defenses=[{"name": "none"}, {"name": "top-1", "pipeline": [{"name": "top_k", "k": 1}]}],
+        attacks=[
+            {"attack": "knockoff", "params": TINY_CLASSIFIER_ATTACK},
+            {
+                "attack": "ensemble",
+                "name": "swag",
+                "params": {**TINY_CLASSIFIER_ATTACK, "method": "swag", "members": 2},
+            },
+        ],
+        budgets=[48],
+        classifier_evaluation={"test_size": 60, "monitor_size": 20},
+        defense_cost={"images": 50, "dataset": "synthetic"},
+    )
+    run_dir = run_scenario(
+        load_scenario(write(tmp_path / "clf.yaml", scenario)), runs=tmp_path / "runs", progress=False
+    )
+    lines = {line["cell"]: line for line in read_results(run_dir)}
+    assert sorted(lines) == sorted(
+        f"clf__{d}__{a}__48__s0" for d in ("none", "top-1") for a in ("knockoff", "swag")
+    )
+    for line in lines.values():
+        assert line["status"] == "ok" and line["kind"] == "classifier"
+        assert line["queries"]["spent"] == line["key"]["used"] == 48
+        assert 0 <= line["surrogate"]["agreement"] <= 1 and line["victim_quality"]["accuracy"] >= 0
+    assert len(lines["clf__none__swag__48__s0"]["members"]) == 2
+    report = (run_dir / "report.md").read_text()
+    assert "| attack | none | top-1 |" in report and "agr " in report and "| single | combined |" in report
+    costs = json.loads((run_dir / "costs.json").read_text())
+    assert costs["clf--top-1"]["kind"] == "classifier" and costs["clf--top-1"]["accuracy_drop"] == 0
+    for plot in PLOTS:
+        assert (run_dir / plot).stat().st_size > 5_000
+
+
+def test_each_victim_meets_the_attacks_of_its_kind(tiny_store: Path, tmp_path: Path) -> None:
+    both = tiny_scenario(
+        tiny_store,
+        victims=[{"model": "enc", "profile": None}, {"model": "clf", "kind": "classifier", "profile": None}],
+        defenses=[{"name": "none"}],
+        attacks=[{"attack": "rda"}, {"attack": "knockoff"}],
+        budgets=[100],
+    )
+    cells = load_scenario(write(tmp_path / "both.yaml", both)).cells()
+    assert [c.id for c in cells] == ["enc__none__rda__100__s0", "clf__none__knockoff__100__s0"]
+    lonely = {**both, "attacks": [{"attack": "rda"}]}
+    with pytest.raises(ScenarioError, match="clf is a classifier and no attack steals one"):
+        load_scenario(write(tmp_path / "lonely.yaml", lonely))
 
 
 @pytest.mark.parametrize(
