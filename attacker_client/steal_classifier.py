@@ -44,6 +44,7 @@ from attacker_client.runs import (
     query_pool,
 )
 from attacker_client.uq.base import Monitor, member_probabilities
+from common import distributed
 from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
 from common.datasets import get_dataset
 from common.devices import resolve_device, seed_everything
@@ -127,6 +128,11 @@ def plot_diversity(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
     """Run the classifier attack of ``config`` against the victim API; returns (and writes) the result."""
+    if distributed.launched_by_torchrun():
+        raise RuntimeError(
+            "classifier stealing does not run under torchrun (every rank would pay the budget): run "
+            "one process; deep-ensemble members spread over the visible GPUs by themselves"
+        )
     started = time.perf_counter()
     device = resolve_device(config.device)
     attack = build_classifier_attack(config.attack, config.params)
@@ -212,6 +218,7 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
         "paper": attack.paper,
         "params": attack.params.model_dump(mode="json"),
         "method": result.extra.get("method"),
+        "method_summary": result.extra.get("method_summary", {}),
         "output": mode,
         "victim": {
             "url": config.url,

@@ -77,5 +77,10 @@ class EnsembleStealing(ClassifierAttack):
             query_seconds=query_seconds,
             train_seconds=time.perf_counter() - started,
             monitor=monitor.rows if monitor is not None else [],
-            extra={"output": oracle.mode, "method": p.method, "method_paper": method.paper},
+            extra={
+                "output": oracle.mode,
+                "method": p.method,
+                "method_paper": method.paper,
+                "method_summary": method.summary(),
+            },
         )

@@ -135,6 +135,10 @@ class UQMethod(abc.ABC):
     def sample_members(self, members: int, seed: int) -> list[Classifier]:
         """``members`` plain classifiers realising the method's possible surrogates (seeded)."""
 
+    def summary(self) -> dict[str, Any]:
+        """What the fit found that a reader wants to see (a tuned prior, a snapshot count)."""
+        return {}
+
     @staticmethod
     def step_recorder(
         attack: ClassifierAttack,

@@ -120,6 +120,12 @@ class BayesByBackprop(UQMethod):
             raise RuntimeError("train first")
         return {n: F.softplus(r.detach()) for n, r in self.rho.items()}
 
+    def summary(self) -> dict[str, float]:
+        if self.rho is None:
+            return {}
+        sigmas = torch.cat([s.flatten() for s in self.sigmas().values()])
+        return {"mean_sigma": float(sigmas.mean()), "max_sigma": float(sigmas.max())}
+
     def sample_members(self, members: int, seed: int) -> list[Classifier]:
         if self.model is None:
             raise RuntimeError("train first")

@@ -8,11 +8,18 @@ softmax likelihood over the transfer set,
     H = Σ_i (diag(p_i) - p_i p_iᵀ) ⊗ (φ̃_i φ̃_iᵀ),   φ̃_i = [φ(x_i), 1],
 
 (``⊗`` with the class index major, ``p_i`` the surrogate's softmax, ``φ`` its penultimate
-features), and prior precision ``τ`` (default 1, Laplace Redux's value before tuning; a
-parameter). A member is the MAP network with its head replaced by one sample
+features), and prior precision ``τ``: by default tuned post hoc as Laplace Redux does, maximising
+the Laplace approximation of the marginal likelihood over τ with the GGN fixed,
+
+    log Z(τ) = const - τ ||θ_MAP||² / 2 + (P / 2) log τ - (1 / 2) Σ_j log(λ_j + τ),
+
+(λ_j the GGN's eigenvalues, P the head's parameter count) on a log grid 1e-4..1e4; or a fixed
+``prior_precision``. (With τ = 1 the quick victim's posterior was so wide that the members' mean
+agreed with the victim less than the MAP did: 0.84 vs 0.89 at 1k queries.) A member is the MAP
+network with its head replaced by one sample
 ``θ = θ_MAP + L⁻ᵀ z`` where ``H + τ I = L Lᵀ``. During training the monitor fits the
 approximation on up to ``monitor_fit_images`` transfer images (the GGN scaled by N / n) at every
-epoch end; the final fit uses the whole transfer set.
+monitor step; the final fit uses the whole transfer set.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ if TYPE_CHECKING:
 class LaplaceParams(UQParams):
     """Last-layer Laplace's prior precision."""
 
-    prior_precision: float = Field(1.0, gt=0, description="τ: precision of the isotropic Gaussian prior")
+    prior_precision: float | None = Field(
+        None, gt=0, description="τ of the isotropic Gaussian prior (null: tuned by marginal likelihood)"
+    )
     monitor_fit_images: int = Field(2048, ge=1, description="transfer images per fit while monitoring")
 
 
@@ -56,6 +65,18 @@ def last_layer_ggn(model: Classifier, images: torch.Tensor) -> torch.Tensor:
         ggn += block.permute(0, 2, 1, 3).reshape(classes * width, classes * width)
     model.train(was_training)
     return ggn
+
+
+def tune_prior_precision(ggn: torch.Tensor, theta: torch.Tensor) -> float:
+    """τ maximising the Laplace marginal likelihood (module docstring) on a log grid 1e-4..1e4."""
+    eigenvalues = torch.linalg.eigvalsh(ggn).clamp_min(0)
+    grid = torch.logspace(-4, 4, 161, dtype=torch.float64)
+    log_z = (
+        -0.5 * grid * theta.square().sum()
+        + 0.5 * theta.numel() * grid.log()
+        - 0.5 * (eigenvalues[None, :] + grid[:, None]).log().sum(dim=1)
+    )
+    return float(grid[int(log_z.argmax())])
 
 
 class LastLayerPosterior:
@@ -99,10 +120,21 @@ class LastLayerLaplace(UQMethod):
     model: Classifier | None = None
     posterior: LastLayerPosterior | None = None
 
+    prior_precision: float | None = None
+
     def fit_posterior(self, model: Classifier, images: torch.Tensor, total: int) -> LastLayerPosterior:
         """The posterior from ``images`` (their GGN scaled to ``total`` images)."""
         ggn = last_layer_ggn(model, images) * (total / len(images))
-        return LastLayerPosterior(model, ggn, self.params.prior_precision)
+        tau = self.params.prior_precision
+        if tau is None:
+            head = model.head
+            theta = torch.cat([head.weight.detach(), head.bias.detach().unsqueeze(1)], dim=1).double().cpu()
+            tau = tune_prior_precision(ggn, theta)
+        self.prior_precision = tau
+        return LastLayerPosterior(model, ggn, tau)
+
+    def summary(self) -> dict[str, float]:
+        return {} if self.prior_precision is None else {"prior_precision": self.prior_precision}
 
     def train(
         self,

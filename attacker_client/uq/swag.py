@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -144,6 +144,9 @@ class SWAG(UQMethod):
         if posterior.count == 0:  # too few steps to collect: keep the last weights
             posterior.collect(parameters_to_vector(model.parameters()))
         return self.mean_model()
+
+    def summary(self) -> dict[str, Any]:
+        return {} if self.posterior is None else {"snapshots": self.posterior.count}
 
     def _with_weights(self, theta: torch.Tensor) -> Classifier:
         if self.model is None or self.bn_images is None:

@@ -22,7 +22,7 @@ from attacker_client.attacks.classifier import (
 )
 from attacker_client.uq import Monitor, diversity, list_uq_methods, member_probabilities
 from attacker_client.uq.bbb import gaussian_kl
-from attacker_client.uq.laplace import last_layer_ggn
+from attacker_client.uq.laplace import last_layer_ggn, tune_prior_precision
 from attacker_client.uq.mc_dropout import masked_member
 from attacker_client.uq.swag import SWAGPosterior
 from common.datasets import make_synthetic
@@ -194,6 +194,20 @@ def test_laplace_ggn_matches_a_loop_of_kronecker_products() -> None:
             p = torch.softmax(model(x)[0].double(), 0)
             reference += torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(phi, phi))
     assert torch.allclose(last_layer_ggn(model, images), reference, atol=1e-8)
+
+
+def test_laplace_prior_precision_maximises_the_marginal_likelihood() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 30, generator=generator, dtype=torch.float64)
+    ggn, theta = a @ a.T, torch.randn(12, generator=generator, dtype=torch.float64)
+    grid = torch.logspace(-4, 4, 161, dtype=torch.float64)
+
+    def log_z(tau: float) -> float:  # the Laplace evidence up to a constant, by log-determinant
+        precision = ggn + tau * torch.eye(12, dtype=torch.float64)
+        return float(-0.5 * tau * theta @ theta + 6 * np.log(tau) - 0.5 * torch.logdet(precision))
+
+    best = max(grid.tolist(), key=log_z)
+    assert tune_prior_precision(ggn, theta) == pytest.approx(best)
 
 
 def test_mc_dropout_member_is_the_network_under_that_mask() -> None:
