@@ -29,24 +29,10 @@ from attacker_client.steal_classifier import ClassifierStealingConfig, steal_cla
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
 from attacker_client.uq import list_uq_methods, uq_method_class
 from common import distributed
+from common.params import parse_params
 
 attack_app = typer.Typer(help="Steal a victim model through its API.", no_args_is_help=True)
 _console = Console()
-
-
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """``["epochs=20", "train_view=none"]`` -> ``{"epochs": 20, "train_view": "none"}``."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep or not name.strip():
-            raise typer.BadParameter(f"expected name=value, got {pair!r}", param_hint="--param")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        params[name.strip().replace("-", "_")] = value
-    return params
 
 
 @attack_app.command("list")

@@ -39,7 +39,7 @@ from attacker_client.errors import VictimAPIError
 from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
 from common.checkpoints import CARD_FILE, read_card
-from defenses.config import DefenseConfig, write_defense_config
+from defenses.config import DefenseConfig, load_defense_config, write_defense_config
 from defenses.cost import defense_cost
 from experiments.report import RESULTS_FILE, build_report, read_results
 from experiments.scenario import Cell, Scenario
@@ -80,7 +80,9 @@ def build_range_store(scenario: Scenario, victims: dict[str, Path], store: Path)
         shutil.copytree(victims[cell.victim.model], target)
         card = read_card(target).model_copy(update={"name": cell.served_name})
         (target / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
-        config = DefenseConfig(default=cell.defense.pipeline, detector=cell.defense.detector)
+        # A victim's own served pipeline (a Stingy teacher's top-k) comes before the cell's defense.
+        own = load_defense_config(target).default
+        config = DefenseConfig(default=[*own, *cell.defense.pipeline], detector=cell.defense.detector)
         write_defense_config(target, config)
 
 
@@ -96,7 +98,7 @@ def measure_costs(scenario: Scenario, store: Path, path: Path, data_root: Path |
         console.print(f"[dim]cost to honest users of {cell.served_name}[/dim]")
         costs[cell.served_name] = defense_cost(
             store / cell.served_name,
-            cell.defense.pipeline,
+            load_defense_config(store / cell.served_name).default,  # the victim's own and the cell's
             n=spec.images,
             probe_train_size=spec.probe_train_size,
             data_root=data_root,

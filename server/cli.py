@@ -150,14 +150,29 @@ def train_victim_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:i")] = "auto",
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="retrain even if the store has this recipe")] = False,
+    defense: Annotated[
+        str | None, typer.Option(help="training-time defense of a classifier: ast, nasty or stingy")
+    ] = None,
+    defense_param: Annotated[
+        list[str] | None, typer.Option("--defense-param", "-d", help="defense parameter name=value (repeat)")
+    ] = None,
 ) -> None:
-    """Train a victim (or reuse it) and save it in the model store."""
+    """Train a victim (or reuse it) and save it in the model store.
+
+    With ``--defense`` (classifiers), the plain victim is trained or reused first as the baseline,
+    then the defended teacher ``<victim>-<defense>`` is trained from it (Adversarial Sparse Teacher,
+    Nasty Teacher) or served sparse (Stingy Teacher: the baseline with a ``top_k`` defenses.json).
+    """
+    from common.params import parse_params
     from experiments.victims import recipe_for, train_victim
 
     if kind not in ("classifier", "encoder") or profile not in ("quick", "paper"):
         console.print("[red]--kind is classifier|encoder and --profile quick|paper[/red]")
         raise typer.Exit(2)
-    recipe = recipe_for(kind, profile)  # type: ignore[arg-type]
+    try:
+        recipe = recipe_for(kind, profile, defense, **parse_params(defense_param or []))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     train = recipe.train.model_copy(
         update={"device": device, "seed": seed, **({"epochs": epochs} if epochs else {})}
     )

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from attacker_client.attacks import build_attack, list_attacks
 from attacker_client.attacks.base import EncoderAttack, view_generator
 from attacker_client.attacks.rda import RDA, build_prototypes
-from attacker_client.cli import parse_params
 from common.datasets import make_synthetic
 from common.metrics import extract_features
 from common.models import build_model
+from common.params import parse_params
 
 DIM = 16
 

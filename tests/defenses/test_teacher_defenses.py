@@ -1,0 +1,146 @@
+"""Training-time defenses: the AST and Nasty Teacher losses against literal formulas, AST keeping a
+plain teacher's accuracy on a tiny run, and defended victims from ``train_victim``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from common.checkpoints import load_checkpoint
+from common.datasets import make_synthetic
+from common.metrics import accuracy
+from common.models import Classifier, build_model
+from common.training import TrainConfig, predict, train_classifier
+from defenses.training import build_teacher_defense, list_teacher_defenses
+from defenses.training.ast import ast_loss, sparse_targets
+from defenses.training.nasty import nasty_loss
+from experiments.victims import VictimRecipe, recipe_for, train_victim
+
+
+def test_registry_and_parameters() -> None:
+    assert list_teacher_defenses() == ["ast", "nasty", "stingy"]
+    assert build_teacher_defense("ast").params.k == 2  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError):
+        build_teacher_defense("ast", {"alpha": 2})
+    with pytest.raises(ValueError, match="unknown teacher defense"):
+        build_teacher_defense("kind")
+
+
+def test_sparse_targets_keep_the_top_k_logits() -> None:
+    z = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    q = sparse_targets(z, 2, 2.0)
+    expected = torch.zeros(1, 4)
+    expected[0, 1], expected[0, 2] = torch.softmax(torch.tensor([3.0, 2.0]) / 2, 0)
+    assert torch.allclose(q, expected)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "epd"])
+def test_ast_loss_against_a_literal_computation(divergence: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits, z_adv = torch.randn(3, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    labels = torch.tensor([0, 3, 4])
+    alpha, t, k = 0.3, 4.0, 2
+    total = 0.0
+    for i in range(3):
+        top = sorted(range(5), key=lambda c: -z_adv[i, c].item())[:k]
+        q = [0.0] * 5
+        norm = sum(torch.exp(z_adv[i, c] / t).item() for c in top)
+        for c in top:
+            q[c] = torch.exp(z_adv[i, c] / t).item() / norm
+        p = torch.softmax(logits[i] / t, 0).tolist()
+        if divergence == "kl":
+            d = sum(
+                q[c] * (torch.log(torch.tensor(q[c])) - torch.log(torch.tensor(p[c]))).item() for c in top
+            )
+        else:
+            d = sum(torch.exp(torch.tensor(q[c])).item() * (q[c] - p[c]) for c in range(5))
+        total += d / 3
+    ce = F.cross_entropy(logits, labels).item()
+    expected = alpha * t**2 * total + (1 - alpha) * ce
+    assert ast_loss(logits, labels, z_adv, k, alpha, t, divergence).item() == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_nasty_loss_against_a_literal_computation() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits, reference = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    labels = torch.tensor([0, 1, 2, 1])
+    p, q = torch.softmax(reference / 2, 1), torch.softmax(logits / 2, 1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    expected = F.cross_entropy(logits, labels) - 0.5 * 4 * kl
+    assert torch.allclose(nasty_loss(logits, labels, reference, 0.5, 2.0), expected, atol=1e-6)
+
+
+def test_ast_teacher_keeps_near_plain_accuracy_on_a_tiny_run() -> None:
+    data, test = make_synthetic(480, seed=1), make_synthetic(300, seed=2)
+    cfg = TrainConfig(epochs=3, batch_size=32, device="cpu", lr=0.05)
+
+    def fresh() -> Classifier:
+        torch.manual_seed(0)
+        model = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=32)
+        assert isinstance(model, Classifier)
+        return model
+
+    plain = fresh()
+    train_classifier(plain, data, cfg, progress=False)
+    defense = build_teacher_defense("ast", {"steps": 3, "step_size": 0.1})
+    teacher = defense.train(plain, fresh(), data, cfg, progress=False)
+    plain_accuracy = accuracy(predict(plain, test.images), test.labels)
+    teacher_accuracy = accuracy(predict(teacher, test.images), test.labels)
+    assert plain_accuracy > 0.8
+    assert teacher_accuracy >= plain_accuracy - 0.05
+    with torch.no_grad():  # its softened outputs are not the plain teacher's
+        x = test.images[:64].float() / 255
+        assert not torch.allclose(torch.softmax(teacher(x) / 6, 1), torch.softmax(plain(x) / 6, 1), atol=0.05)
+
+
+def tiny_classifier() -> VictimRecipe:
+    return VictimRecipe(
+        name="tiny-classifier",
+        kind="classifier",
+        dataset="synthetic",
+        train_size=64,
+        train=TrainConfig(epochs=1, batch_size=16, max_steps=2, device="cpu"),
+    )
+
+
+@pytest.mark.parametrize("name", ["ast", "nasty", "stingy"])
+def test_train_victim_with_a_teacher_defense(tmp_path: Path, name: str) -> None:
+    plain = tiny_classifier()
+    defended = plain.model_copy(
+        update={
+            "name": f"tiny-classifier-{name}",
+            "defense": {
+                "name": name,
+                **build_teacher_defense(name, {"steps": 1} if name == "ast" else {}).params.model_dump(),
+            },
+        }
+    )
+    card = train_victim(defended, tmp_path, progress=False)
+    assert (tmp_path / "tiny-classifier").is_dir()  # the baseline, trained first
+    assert card.name == "tiny-classifier-ast" if name == "ast" else card.name.endswith(name)
+    assert set(card.metrics) == {"test_accuracy", "baseline_test_accuracy"}
+    assert card.training["recipe"]["defense"]["name"] == name
+    model, _ = load_checkpoint(tmp_path / card.name)
+    assert isinstance(model, Classifier)
+    served = tmp_path / card.name / "defenses.json"
+    if name == "stingy":
+        assert json.loads(served.read_text())["default"] == [{"name": "top_k", "k": 2, "renormalise": True}]
+    else:
+        assert not served.exists()
+
+
+def test_recipe_for_names_the_defended_victim() -> None:
+    recipe = recipe_for("classifier", "quick", "ast")
+    assert recipe.name == "fmnist-classifier-ast" and recipe.defense is not None
+    assert recipe.defense["steps"] == 10 and recipe.defense["eps"] == 0.3
+    assert recipe.baseline() == recipe_for("classifier", "quick")
+    assert recipe_for("classifier", "paper", "ast").defense["steps"] == 40  # type: ignore[index]
+    with pytest.raises(ValueError, match="for classifiers"):
+        recipe_for("encoder", "quick", "ast")
