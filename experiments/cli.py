@@ -3,6 +3,7 @@
 - victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
 - attacker side (``attacker_client/cli.py``): ``attack list|params|rda|stolen-encoder|...``
 - defenses (``defenses/cli.py``): ``defenses list|cost|train-misinformation``
+- data protection (``defenses/data/cli.py``): ``protect-data``, ``evaluate-protection``
 - the range (``experiments/range_cli.py``): ``run SCENARIO``, ``report RUN_DIR``
 """
 
@@ -12,6 +13,7 @@ import typer
 
 from attacker_client.cli import attack_app
 from defenses.cli import defenses_app
+from defenses.data import cli as data_cli
 from experiments import range_cli
 from server import cli as server_cli
 
@@ -29,6 +31,8 @@ app.command("train-victim")(server_cli.train_victim_command)
 app.add_typer(server_cli.keys_app, name="keys")
 app.add_typer(attack_app, name="attack")
 app.add_typer(defenses_app, name="defenses")
+app.command("protect-data")(data_cli.protect_data_command)
+app.command("evaluate-protection")(data_cli.evaluate_protection_command)
 
 if __name__ == "__main__":
     app()

@@ -59,7 +59,7 @@ def ensure_victims(scenario: Scenario, data_root: Path | None = None) -> dict[st
     for victim in scenario.victims:
         folder = scenario.model_store / victim.model
         if victim.profile is not None:
-            recipe = recipe_for(victim.kind, victim.profile)
+            recipe = recipe_for(victim.kind, victim.profile, victim.defense, **victim.defense_params)
             if recipe.name == victim.model:
                 train_victim(recipe, scenario.model_store, data_root=data_root)
         if not (folder / CARD_FILE).is_file():

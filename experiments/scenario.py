@@ -33,6 +33,7 @@ from attacker_client.evaluate import EvalConfig
 from common.datasets import list_datasets
 from defenses.base import DefensePipeline, ModelKind
 from defenses.detectors import build_detector
+from experiments.victims import recipe_for
 
 NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -49,6 +50,10 @@ class VictimSpec(Strict):
     profile: Literal["quick", "paper"] | None = Field(
         "quick", description="recipe to train it from when the store lacks it; null: it must exist"
     )
+    defense: str | None = Field(
+        None, description="training-time defense of a classifier victim (ast, nasty, stingy)"
+    )
+    defense_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DefenseSpec(Strict):
@@ -175,6 +180,16 @@ class Scenario(Strict):
                 attack.check()
             except (ValueError, ValidationError) as exc:
                 raise ValueError(f"attacks.{i}.params: {exc}") from None
+        for i, victim in enumerate(self.victims):
+            if victim.defense is not None:
+                try:
+                    recipe = recipe_for(
+                        victim.kind, victim.profile or "quick", victim.defense, **victim.defense_params
+                    )
+                except (ValueError, ValidationError) as exc:
+                    raise ValueError(f"victims.{i}.defense: {exc}") from None
+                if victim.profile is not None and recipe.name != victim.model:
+                    raise ValueError(f"victims.{i}.model: the {victim.defense} recipe makes {recipe.name!r}")
         for victim in self.victims:
             if not any(attack.kind == victim.kind for attack in self.attacks):
                 raise ValueError(f"victims: {victim.model} is a {victim.kind} and no attack steals one")
