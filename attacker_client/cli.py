@@ -23,10 +23,12 @@ from rich.table import Table
 
 from attacker_client.attacks import attack_class, list_attacks
 from attacker_client.attacks.classifier import classifier_attack_class, list_classifier_attacks
+from attacker_client.attacks.rrm import RRMParams
 from attacker_client.evaluate import EvalConfig
 from attacker_client.runs import RESULT_FILE
 from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from attacker_client.steal_robustness import RobustnessStealingConfig, steal_robustness
 from attacker_client.uq import list_uq_methods, uq_method_class
 from common import distributed
 from common.params import parse_params
@@ -301,4 +303,56 @@ def ensemble_command(
         victim_checkpoint=victim_checkpoint,
         test_size=test_size,
         data_root=data_root,
+    )
+
+
+@attack_app.command("rrm")
+def rrm_command(
+    url: _URL,
+    key: _KEY,
+    model: Annotated[str, typer.Option(help="victim encoder (an adversarially trained representation)")],
+    budget: _BUDGET,
+    out: _OUT,
+    query_set: _QUERY_SET = "fashion_mnist",
+    query_split: _QUERY_SPLIT = "attacker",
+    param: _PARAM = None,
+    device: _DEVICE = "auto",
+    test_size: _TEST_SIZE = 1000,
+    references: Annotated[bool, typer.Option(help="also train the PGD-AT and plain references")] = True,
+    data_root: _DATA_ROOT = None,
+) -> None:
+    """Robust Representation Matching (Vaishnavi et al., USENIX Security 2022): steal a robust
+    victim's robustness through its embedding endpoint; compare with PGD adversarial training."""
+    try:
+        config = RobustnessStealingConfig(
+            url=url,
+            key=key,
+            model=model,
+            params=parse_params(param or []),
+            query_set=query_set,
+            query_split=query_split,
+            budget=budget,
+            out=out,
+            device=device,
+            test_size=test_size,
+            references=references,
+            data_root=data_root,
+        )
+        RRMParams.model_validate(config.params)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    record = steal_robustness(config)
+    table = Table("student", "clean accuracy", "PGD accuracy", "training seconds", title="rrm")
+    for name, scores in record["evaluation"]["students"].items():
+        table.add_row(
+            name,
+            f"{scores['clean_accuracy']:.4f}",
+            f"{scores['pgd_accuracy']:.4f}",
+            f"{scores['train_seconds']:.1f}",
+        )
+    _console.print(table)
+    queries = record["queries"]
+    _console.print(
+        f"queries spent (server): {queries['spent']} of budget {record['budget']} ({queries['cache_hits']} "
+        f"cache hits); PGD eps {record['evaluation']['eps']}; result: {Path(out) / RESULT_FILE}"
     )

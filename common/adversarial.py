@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.datasets import ImageData
+from common.devices import autocast, resolve_device
+from common.training import TrainConfig, batch_to_device, run_steps
+
 Norm = Literal["linf", "l2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -112,3 +116,31 @@ def robust_accuracy(
         adversarial = pgd(model, x, y, **pgd_kwargs)  # type: ignore[arg-type]
         correct += int((model(adversarial).argmax(dim=1) == y).sum())
     return correct / max(1, len(images))
+
+
+def train_adversarial(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrainConfig,
+    eps: float,
+    step_size: float,
+    steps: int,
+    progress: bool | None = None,
+) -> list[dict[str, float]]:
+    """PGD adversarial training (Madry et al., ICLR 2018): every step trains on PGD examples of the
+    batch (L-inf, random start, the model in eval mode while attacking so BatchNorm statistics
+    come from the examples it trains on)."""
+    device = resolve_device(cfg.device)
+    model.to(device)
+    labels = data.labels.to(device)
+
+    def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = batch_to_device(data.images[batch], device)
+        y = labels[batch.to(device)]
+        model.eval()
+        adversarial = pgd(net, x, y, eps=eps, step_size=step_size, steps=steps, generator=generator)
+        model.train()
+        with autocast(device):
+            return F.cross_entropy(net(adversarial), y)
+
+    return run_steps(model, len(data), step, cfg, description="PGD adversarial training", progress=progress)

@@ -138,6 +138,34 @@ class ResNet18(Backbone):
         return self.proj(self.pool(self.layers(self.stem(x))))
 
 
+@register_backbone("small_resnet")
+class SmallResNet(Backbone):
+    """A small residual network (about 0.2M parameters) for 28x28 / 32x32 inputs: a 3x3 stem of 16
+    channels and three stages of two basic blocks (16, 32, 64 channels; stride 2 from the second),
+    global average pooling and a linear projection to ``feature_dim`` (default 64). The quick
+    profile's "other architecture" (Robust Representation Matching's student)."""
+
+    def __init__(self, in_channels: int = 1, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        blocks: list[nn.Module] = []
+        cin = 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks += [_BasicBlock(cin, width, stride), _BasicBlock(width, width, 1)]
+            cin = width
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.proj = nn.Sequential(
+            nn.Linear(64, feature_dim, bias=False), nn.BatchNorm1d(feature_dim), nn.ReLU()
+        )
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.layers(self.stem(x))))
+
+
 def build_backbone(name: str, in_channels: int, **kwargs: object) -> Backbone:
     """Instantiate a registered backbone; unknown names list the known ones."""
     if name not in _BACKBONES:

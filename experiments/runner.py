@@ -44,7 +44,7 @@ from defenses.cost import defense_cost
 from experiments.report import RESULTS_FILE, build_report, read_results
 from experiments.scenario import Cell, Scenario
 from experiments.victim_process import victim_process
-from experiments.victims import recipe_for, train_victim
+from experiments.victims import recipe_for, robust_recipe, train_victim
 
 COSTS_FILE = "costs.json"
 VICTIM_FILE = "victim.json"
@@ -59,7 +59,11 @@ def ensure_victims(scenario: Scenario, data_root: Path | None = None) -> dict[st
     for victim in scenario.victims:
         folder = scenario.model_store / victim.model
         if victim.profile is not None:
-            recipe = recipe_for(victim.kind, victim.profile, victim.defense, **victim.defense_params)
+            recipe = (
+                robust_recipe(victim.profile)
+                if victim.robust
+                else recipe_for(victim.kind, victim.profile, victim.defense, **victim.defense_params)
+            )
             if recipe.name == victim.model:
                 train_victim(recipe, scenario.model_store, data_root=data_root)
         if not (folder / CARD_FILE).is_file():

@@ -54,6 +54,7 @@ class VictimSpec(Strict):
         None, description="training-time defense of a classifier victim (ast, nasty, stingy)"
     )
     defense_params: dict[str, Any] = Field(default_factory=dict)
+    robust: bool = Field(False, description="the PGD adversarially trained encoder recipe")
 
 
 class DefenseSpec(Strict):

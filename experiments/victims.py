@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.adversarial import robust_accuracy, train_adversarial
 from common.checkpoints import (
     CARD_FILE,
     InputSpec,
@@ -57,6 +58,12 @@ class VictimRecipe(BaseModel):
         None,
         description="a training-time defense of a classifier ({name, **params}, defenses/training/): "
         "the victim is trained from the plain recipe's baseline",
+    )
+
+    adversarial: dict[str, float] | None = Field(
+        None,
+        description="PGD adversarial training ({eps, step_size, steps}, L-inf on [0, 1]); an encoder "
+        "recipe with it trains a robust classifier and serves its backbone's representation",
     )
 
     def baseline(self) -> VictimRecipe:
@@ -106,6 +113,28 @@ def paper_recipes() -> dict[ModelKind, VictimRecipe]:
             train=TrainConfig(epochs=500, batch_size=512, lr=0.06 * 512 / 256, weight_decay=5e-4),
         ),
     }
+
+
+def robust_recipe(profile: Profile = "quick") -> VictimRecipe:
+    """An adversarially trained (PGD-AT, Madry et al. 2018) classifier served as an encoder: the
+    teacher whose robust representation Robust Representation Matching steals."""
+    if profile == "quick":
+        return VictimRecipe(
+            name="fmnist-robust-encoder",
+            kind="encoder",
+            train_size=10_000,
+            train=TrainConfig(epochs=3, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4),
+            adversarial={"eps": 0.1, "step_size": 0.025, "steps": 5},
+        )
+    return VictimRecipe(
+        name="cifar10-robust-encoder",
+        kind="encoder",
+        dataset="cifar10",
+        architecture="resnet18",
+        victim_fraction=0.8,
+        train=TrainConfig(epochs=100, batch_size=128, lr=0.1, schedule="multistep", milestones=[50, 75]),
+        adversarial={"eps": 8 / 255, "step_size": 2 / 255, "steps": 7},
+    )
 
 
 QUICK_TEACHER_DEFENSES: dict[str, dict[str, Any]] = {
@@ -196,6 +225,22 @@ def train_victim(
         logits = predict(model, splits.eval.images, device=device)
         metrics["test_accuracy"] = accuracy(logits, splits.eval.labels)
         metrics["baseline_test_accuracy"] = baseline_card.metrics["test_accuracy"]
+    elif recipe.adversarial is not None:
+        classifier = build_model(
+            "classifier", recipe.architecture, channels, mean, std, len(train.classes), recipe.feature_dim
+        )
+        history = train_adversarial(classifier, train, recipe.train, **recipe.adversarial, progress=progress)  # type: ignore[arg-type]
+        metrics["test_accuracy"] = accuracy(
+            predict(classifier, splits.eval.images, device=device), splits.eval.labels
+        )
+        held_out = _first(splits.eval, 1000)
+        metrics["pgd_accuracy"] = robust_accuracy(
+            classifier, held_out.images, held_out.labels, device=device, **recipe.adversarial
+        )
+        if recipe.kind == "encoder":  # serve the robust classifier's representation
+            model.backbone.load_state_dict(classifier.backbone.state_dict())
+        else:
+            model = classifier
     elif recipe.kind == "classifier":
         history = train_classifier(model, train, recipe.train, progress=progress)
         logits = predict(model, splits.eval.images, device=device)

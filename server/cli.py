@@ -156,21 +156,29 @@ def train_victim_command(
     defense_param: Annotated[
         list[str] | None, typer.Option("--defense-param", "-d", help="defense parameter name=value (repeat)")
     ] = None,
+    robust: Annotated[
+        bool, typer.Option(help="an adversarially trained (PGD-AT) classifier served as an encoder")
+    ] = False,
 ) -> None:
     """Train a victim (or reuse it) and save it in the model store.
 
     With ``--defense`` (classifiers), the plain victim is trained or reused first as the baseline,
     then the defended teacher ``<victim>-<defense>`` is trained from it (Adversarial Sparse Teacher,
     Nasty Teacher) or served sparse (Stingy Teacher: the baseline with a ``top_k`` defenses.json).
+    With ``--robust``, a PGD adversarially trained classifier whose representation is served as an
+    encoder (the teacher of Robust Representation Matching).
     """
     from common.params import parse_params
-    from experiments.victims import recipe_for, train_victim
+    from experiments.victims import recipe_for, robust_recipe, train_victim
 
     if kind not in ("classifier", "encoder") or profile not in ("quick", "paper"):
         console.print("[red]--kind is classifier|encoder and --profile quick|paper[/red]")
         raise typer.Exit(2)
     try:
-        recipe = recipe_for(kind, profile, defense, **parse_params(defense_param or []))  # type: ignore[arg-type]
+        if robust:
+            recipe = robust_recipe(profile)  # type: ignore[arg-type]
+        else:
+            recipe = recipe_for(kind, profile, defense, **parse_params(defense_param or []))  # type: ignore[arg-type]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     train = recipe.train.model_copy(
