@@ -157,6 +157,22 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tiny_store: Path, tmp_pa
         ({"rate": -1}, "rate"),
         ({"attackz": []}, "attackz"),
         ({"name": "Bad Name"}, "name"),
+        (
+            {
+                "victims": [{"model": "clf", "kind": "classifier", "defense": "astt"}],
+                "defenses": [{"name": "none"}],
+                "attacks": [{"attack": "knockoff"}],
+            },
+            "victims.0.defense: unknown teacher defense 'astt'",
+        ),
+        (
+            {
+                "victims": [{"model": "clf", "kind": "classifier", "defense": "ast"}],
+                "defenses": [{"name": "none"}],
+                "attacks": [{"attack": "knockoff"}],
+            },
+            "victims.0.model: the ast recipe makes 'fmnist-classifier-ast'",
+        ),
     ],
 )
 def test_bad_scenarios_name_the_field(
