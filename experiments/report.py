@@ -73,29 +73,48 @@ def is_classifier(line: dict[str, Any]) -> bool:
     return line.get("kind") == "classifier"
 
 
+def is_robustness(line: dict[str, Any]) -> bool:
+    return line.get("kind") == "robustness"
+
+
 def fidelity_of(line: dict[str, Any]) -> float | None:
-    """Attack success: agreement with the victim (classifiers), cosine fidelity (encoders)."""
+    """Attack success: agreement with the victim (classifiers), cosine fidelity (encoders), the
+    student's PGD accuracy (robustness stealing)."""
     if is_classifier(line):
         return (line.get("surrogate") or {}).get("agreement")
+    if is_robustness(line):
+        return (line.get("surrogate") or {}).get("pgd_accuracy")
     return (line.get("fidelity") or {}).get("cosine")
 
 
 def quality_of(line: dict[str, Any]) -> float | None:
-    """The surrogate's own task score: test accuracy (classifiers), linear probe (encoders)."""
+    """The surrogate's own task score: test accuracy (classifiers, RRM students), linear probe."""
     if is_classifier(line):
         return (line.get("surrogate") or {}).get("accuracy")
+    if is_robustness(line):
+        return (line.get("surrogate") or {}).get("clean_accuracy")
     return _first(line.get("surrogate"), "linear_probe")
 
 
 def victim_quality_of(line: dict[str, Any]) -> float | None:
     """The victim's score on the same task."""
-    if is_classifier(line):
-        return (line.get("victim_quality") or {}).get("accuracy")
+    if is_classifier(line) or is_robustness(line):
+        return (line.get("victim_quality") or {}).get(
+            "accuracy", (line.get("victim_quality") or {}).get("test_accuracy")
+        )
     return _first(line.get("victim_quality"), "linear_probe")
 
 
 def _cell_text(line: dict[str, Any]) -> str:
     budget = _budget(line["budget"])
+    if is_robustness(line):
+        s = line.get("surrogate") or {}
+        text = f"{budget}: PGD {_fmt(s.get('pgd_accuracy'))}, clean {_fmt(s.get('clean_accuracy'))}"
+        at = (line.get("references") or {}).get("pgd_at")
+        if at:
+            time_ratio = (line.get("ratios") or {}).get("train_time_vs_pgd_at")
+            text += f" (PGD-AT {_fmt(at.get('pgd_accuracy'))}, time x{_fmt(time_ratio, 2)})"
+        return text
     if is_classifier(line):
         text = f"{budget}: agr {_fmt(fidelity_of(line))}, acc {_fmt(quality_of(line))}"
         if len(line.get("members") or []) > 1:
@@ -116,7 +135,9 @@ def markdown(run_dir: Path, lines: list[dict[str, Any]]) -> str:
         f"{len(lines)} cells: {len(ok)} finished, {len(failed)} failed. Each table cell, at every budget: "
         "for an encoder victim, the surrogate's linear-probe accuracy / the victim's on the first "
         "downstream set and the surrogate's cosine fidelity to the victim's embeddings on held-out "
-        "images; for a classifier victim, the surrogate's agreement with the victim (fidelity) and its "
+        "images; for robustness stealing (RRM), the student's PGD and clean accuracy next to PGD "
+        "adversarial training of the same student; for a classifier victim, the surrogate's "
+        "agreement with the victim (fidelity) and its "
         "test accuracy on held-out images (for an ensemble: the members' mean probability, and its "
         "single network's agreement). Queries are those the server charged (its usage), not what the "
         "attacker planned."

@@ -38,6 +38,7 @@ from rich.console import Console
 from attacker_client.errors import VictimAPIError
 from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from attacker_client.steal_robustness import RobustnessStealingConfig, steal_robustness
 from common.checkpoints import CARD_FILE, read_card
 from defenses.config import DefenseConfig, load_defense_config, write_defense_config
 from defenses.cost import defense_cost
@@ -149,6 +150,16 @@ def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[st
         "device": record["device"],
         "versions": record["versions"],
     }
+    if record.get("kind") == "robustness":
+        students = evaluation["students"]
+        return line | {
+            "kind": "robustness",
+            "surrogate": students["rrm"],
+            "references": {name: scores for name, scores in students.items() if name != "rrm"},
+            "ratios": record["ratios"],
+            "victim_quality": record["victim"]["reported_metrics"],
+            "eps": evaluation["eps"],
+        }
     if cell.victim.kind == "classifier":
         return line | {
             "method": record.get("method"),
@@ -198,6 +209,14 @@ def steal(
         "progress": progress,
         "cache_namespace": f"{scenario.name}/{cell.served_name}",
     }
+    if cell.attack.is_robustness:
+        spec = scenario.robustness_evaluation
+        del common["attack"], common["victim_checkpoint"]
+        return steal_robustness(
+            RobustnessStealingConfig(
+                **common, test_size=spec.test_size, eval_steps=spec.eval_steps, references=spec.references
+            )
+        )
     if cell.victim.kind == "classifier":
         spec = scenario.classifier_evaluation
         return steal_classifier(

@@ -29,11 +29,12 @@ from attacker_client.attacks.classifier import (
     classifier_attack_class,
     list_classifier_attacks,
 )
+from attacker_client.attacks.rrm import RRMParams
 from attacker_client.evaluate import EvalConfig
 from common.datasets import list_datasets
 from defenses.base import DefensePipeline, ModelKind
 from defenses.detectors import build_detector
-from experiments.victims import recipe_for
+from experiments.victims import recipe_for, robust_recipe
 
 NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -81,8 +82,15 @@ class AttackSpec(Strict):
         return self.name or self.attack.replace("_", "-")
 
     @property
+    def is_robustness(self) -> bool:
+        """Robust Representation Matching: steals an encoder's robustness into a classifier."""
+        return self.attack.strip().lower() == "rrm"
+
+    @property
     def kind(self) -> ModelKind:
         """The kind of victim this attack steals (an unknown attack raises ``ValueError``)."""
+        if self.is_robustness:
+            return "encoder"
         try:
             attack_class(self.attack)
             return "encoder"
@@ -92,10 +100,20 @@ class AttackSpec(Strict):
 
     def check(self) -> None:
         """Build the attack with its parameters (validation only)."""
-        if self.kind == "encoder":
+        if self.is_robustness:
+            RRMParams.model_validate(self.params)
+        elif self.kind == "encoder":
             build_attack(self.attack, self.params)
         else:
             build_classifier_attack(self.attack, self.params)
+
+
+class RobustnessEvalSpec(Strict):
+    """How RRM students are scored: clean and PGD accuracy on held-out test images."""
+
+    test_size: int = Field(1000, ge=10)
+    eval_steps: int = Field(20, ge=1, description="PGD steps of the evaluation")
+    references: bool = Field(True, description="also train the PGD-AT and plain references per cell")
 
 
 class ClassifierEvalSpec(Strict):
@@ -150,6 +168,7 @@ class Scenario(Strict):
     query_split: Literal["train", "test", "attacker"] = "attacker"
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     classifier_evaluation: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
+    robustness_evaluation: RobustnessEvalSpec = Field(default_factory=RobustnessEvalSpec)
     defense_cost: DefenseCostSpec | None = Field(default_factory=DefenseCostSpec)
     workers: int = Field(1, ge=1, description="uvicorn workers of the victim API")
     device: str = "auto"
@@ -175,13 +194,20 @@ class Scenario(Strict):
             except ValueError:
                 raise ValueError(
                     f"attacks.{i}.attack: unknown attack {attack.attack!r}; known: "
-                    f"{', '.join([*list_attacks(), *list_classifier_attacks()])}"
+                    f"{', '.join([*list_attacks(), *list_classifier_attacks(), 'rrm'])}"
                 ) from None
             try:
                 attack.check()
             except (ValueError, ValidationError) as exc:
                 raise ValueError(f"attacks.{i}.params: {exc}") from None
         for i, victim in enumerate(self.victims):
+            robust_name = robust_recipe(victim.profile or "quick").name
+            if (
+                victim.robust
+                and victim.profile is not None
+                and (victim.kind != "encoder" or robust_name != victim.model)
+            ):
+                raise ValueError(f"victims.{i}.robust: the robust recipe makes the encoder {robust_name!r}")
             if victim.defense is not None:
                 try:
                     recipe = recipe_for(

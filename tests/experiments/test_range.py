@@ -270,6 +270,29 @@ def test_classifier_scenario_end_to_end(tiny_store: Path, tmp_path: Path) -> Non
         assert (run_dir / plot).stat().st_size > 5_000
 
 
+def test_robustness_stealing_in_the_range(tiny_store: Path, tmp_path: Path) -> None:
+    """RRM against an encoder behind an embedding defense: students and references per cell."""
+    scenario = tiny_scenario(
+        tiny_store,
+        name="tiny-rrm",
+        attacks=[{"attack": "rrm", "params": {"epochs": 1, "batch_size": 16, "at_steps": 1}}],
+        budgets=[40],
+        robustness_evaluation={"test_size": 20, "eval_steps": 2},
+        defense_cost=None,
+    )
+    run_dir = run_scenario(
+        load_scenario(write(tmp_path / "rrm.yaml", scenario)), runs=tmp_path / "runs", progress=False
+    )
+    lines = read_results(run_dir)
+    assert len(lines) == 2 and all(line["status"] == "ok" and line["kind"] == "robustness" for line in lines)
+    for line in lines:
+        assert line["queries"]["spent"] == line["key"]["used"] == 40
+        assert set(line["references"]) == {"pgd_at", "plain"} and 0 <= line["surrogate"]["pgd_accuracy"] <= 1
+        assert line["ratios"]["train_time_vs_pgd_at"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "40: PGD " in report and "PGD-AT " in report
+
+
 def test_each_victim_meets_the_attacks_of_its_kind(tiny_store: Path, tmp_path: Path) -> None:
     both = tiny_scenario(
         tiny_store,
