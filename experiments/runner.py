@@ -40,8 +40,11 @@ from attacker_client.steal_classifier import ClassifierStealingConfig, steal_cla
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
 from attacker_client.steal_robustness import RobustnessStealingConfig, steal_robustness
 from common.checkpoints import CARD_FILE, read_card
+from common.training import TrainConfig
 from defenses.config import DefenseConfig, load_defense_config, write_defense_config
 from defenses.cost import defense_cost
+from defenses.data import ProtectionRecipe, evaluate_protection, protect_dataset
+from defenses.data.sep import SEPConfig
 from experiments.report import RESULTS_FILE, build_report, read_results
 from experiments.scenario import Cell, Scenario
 from experiments.victim_process import victim_process
@@ -271,6 +274,42 @@ def run_cell(
     return line
 
 
+PROTECTION_DIR = "protection"
+
+
+def run_protection(scenario: Scenario, run_dir: Path, data_root: Path | None, progress: bool | None) -> None:
+    """Self-Ensemble Protection cells: each (method, eps) protected, then evaluated (clean test
+    accuracy after training on it, on the clean data, on noise); ``protection/<cell>/evaluation.json``
+    marks a finished cell, so a rerun skips it."""
+    spec = scenario.data_protection
+    if spec is None:
+        return
+    for eps in spec.eps:
+        for method in spec.methods:
+            folder = run_dir / PROTECTION_DIR / f"{method}-eps{eps:g}"
+            done = folder / "evaluation.json"
+            if done.is_file():
+                continue
+            console.rule(f"data protection: {method} at eps {eps:g}/255 on {spec.size} {spec.dataset} images")
+            recipe = ProtectionRecipe(
+                dataset=spec.dataset,
+                size=spec.size,
+                n_checkpoints=spec.checkpoints,
+                train=TrainConfig(epochs=spec.epochs, batch_size=128, lr=0.05, device=scenario.device),
+                sep=SEPConfig(eps=eps / 255, step_size=(spec.step_size or eps / 4) / 255, steps=spec.steps),
+                data_root=data_root,
+            )
+            started = time.perf_counter()
+            meta = protect_dataset(recipe, folder, method, progress)
+            result = evaluate_protection(folder)
+            result |= {"protect_seconds": meta["seconds"], "wall_seconds": time.perf_counter() - started}
+            done.write_text(json.dumps(result, indent=2) + "\n")
+            console.print(
+                f"  trained on protected {result['protected']:.4f}, clean {result['clean']:.4f}, "
+                f"noise {result['random_noise']:.4f}"
+            )
+
+
 def run_scenario(
     scenario: Scenario,
     runs: Path = Path("runs"),
@@ -291,6 +330,7 @@ def run_scenario(
     if not resume:
         results.unlink(missing_ok=True)
         (run_dir / COSTS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / PROTECTION_DIR, ignore_errors=True)
     (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
     finished = {line["cell"] for line in read_results(run_dir) if line.get("status") == "ok"}
     cells = scenario.cells()
@@ -334,5 +374,6 @@ def run_scenario(
                 )
                 console.print(f"  {status} ({line['wall_seconds']:.0f} s)")
         console.print(f"ran {len(todo)} cells in {time.perf_counter() - run_started:.0f} s")
+    run_protection(scenario, run_dir, data_root, progress)
     build_report(run_dir)
     return run_dir

@@ -116,6 +116,22 @@ class RobustnessEvalSpec(Strict):
     references: bool = Field(True, description="also train the PGD-AT and plain references per cell")
 
 
+class DataProtectionSpec(Strict):
+    """Self-Ensemble Protection in the range: protect a dataset with each method at each eps, then
+    train fresh models on the protected copy, the clean data and random noise of the same eps."""
+
+    dataset: str = "fashion_mnist"
+    size: int = Field(5000, ge=10, description="first images of the train split to protect")
+    methods: list[Literal["sep", "sep-fa", "sep-fa-vr"]] = Field(
+        default_factory=lambda: ["sep", "sep-fa", "sep-fa-vr"], min_length=1
+    )
+    eps: list[float] = Field(default_factory=lambda: [8.0], min_length=1, description="pixel levels (x/255)")
+    steps: int = Field(10, ge=1)
+    step_size: float | None = Field(None, gt=0, description="pixel levels; default eps / 4")
+    checkpoints: int = Field(5, ge=1)
+    epochs: int = Field(4, ge=1, description="epochs of the protecting run and of each evaluation model")
+
+
 class ClassifierEvalSpec(Strict):
     """How stolen classifiers are scored: held-out test images of the victim's dataset."""
 
@@ -157,10 +173,10 @@ class Scenario(Strict):
     name: str = Field(pattern=NAME)
     description: str = ""
     model_store: Path = Path("model_store")
-    victims: list[VictimSpec] = Field(min_length=1)
+    victims: list[VictimSpec] = Field(default_factory=list)
     defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")], min_length=1)
-    attacks: list[AttackSpec] = Field(min_length=1)
-    budgets: list[int] = Field(min_length=1)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    budgets: list[int] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     rate: float | None = Field(None, gt=0, description="each cell's key: images/s (null: unlimited)")
     burst: int | None = Field(None, ge=1)
@@ -169,12 +185,17 @@ class Scenario(Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     classifier_evaluation: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
     robustness_evaluation: RobustnessEvalSpec = Field(default_factory=RobustnessEvalSpec)
+    data_protection: DataProtectionSpec | None = None
     defense_cost: DefenseCostSpec | None = Field(default_factory=DefenseCostSpec)
     workers: int = Field(1, ge=1, description="uvicorn workers of the victim API")
     device: str = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
+        if not (self.victims and self.attacks and self.budgets) and self.data_protection is None:
+            raise ValueError("a scenario needs victims, attacks and budgets, or data_protection")
+        if self.victims and not self.budgets:
+            raise ValueError("budgets: at least one budget is needed to run attacks")
         if any(b < 1 for b in self.budgets):
             raise ValueError("budgets must be >= 1")
         for field, names in (
@@ -185,7 +206,8 @@ class Scenario(Strict):
             if len(set(names)) != len(names):
                 raise ValueError(f"{field}: names must be unique, got {names}")
         known = set(list_datasets())
-        for dataset in [self.query_set, *self.evaluation.downstream]:
+        protected = [self.data_protection.dataset] if self.data_protection else []
+        for dataset in [self.query_set, *self.evaluation.downstream, *protected]:
             if dataset not in known:
                 raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(known))}")
         for i, attack in enumerate(self.attacks):

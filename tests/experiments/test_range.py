@@ -293,6 +293,36 @@ def test_robustness_stealing_in_the_range(tiny_store: Path, tmp_path: Path) -> N
     assert "40: PGD " in report and "PGD-AT " in report
 
 
+def test_data_protection_in_the_range(tmp_path: Path) -> None:
+    """A scenario of Self-Ensemble Protection cells only: protected, evaluated, reported, resumed."""
+    scenario = {
+        "name": "tiny-sep",
+        "data_protection": {
+            "dataset": "synthetic",
+            "size": 64,
+            "methods": ["sep", "sep-fa"],
+            "eps": [8],
+            "steps": 2,
+            "checkpoints": 2,
+            "epochs": 1,
+        },
+        "device": "cpu",
+    }
+    loaded = load_scenario(write(tmp_path / "sep.yaml", scenario))
+    assert loaded.cells() == []
+    run_dir = run_scenario(loaded, runs=tmp_path / "runs", progress=False)
+    report = (run_dir / "report.md").read_text()
+    assert "## Data protection (Self-Ensemble Protection)" in report
+    assert "| sep | 8/255 | 64 |" in report and "| sep-fa | 8/255 | 64 |" in report
+    assert (run_dir / "protection.png").stat().st_size > 5_000
+    done = run_dir / "protection" / "sep-eps8" / "evaluation.json"
+    stamp = done.stat().st_mtime_ns
+    run_scenario(loaded, runs=tmp_path / "runs", progress=False)
+    assert done.stat().st_mtime_ns == stamp  # finished cells are not run again
+    with pytest.raises(ScenarioError, match="needs victims, attacks and budgets, or data_protection"):
+        load_scenario(write(tmp_path / "empty.yaml", {"name": "empty"}))
+
+
 def test_each_victim_meets_the_attacks_of_its_kind(tiny_store: Path, tmp_path: Path) -> None:
     both = tiny_scenario(
         tiny_store,
