@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from pydantic import SecretStr
 
+from attacker_client.client import VictimClient
 from common.checkpoints import InputSpec, read_card
 from common.datasets import ImageData, get_dataset, make_splits
 
@@ -53,3 +56,45 @@ def package_versions() -> dict[str, str]:
     except PackageNotFoundError:
         own = "unknown"
     return {"stealrange": own, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class ClientSettings(Protocol):
+    """What a run's config says about reaching the victim."""
+
+    url: str
+    key: SecretStr
+    progress: bool | None
+    cache_namespace: str | None
+
+
+def open_victim_client(config: ClientSettings, out: Path) -> VictimClient:
+    """The run's client: its query cache in ``out``, keyed by ``cache_namespace`` when given."""
+    return VictimClient(
+        config.url,
+        config.key.get_secret_value(),
+        cache=out / CACHE_FILE,
+        progress=config.progress,
+        cache_namespace=config.cache_namespace,
+    )
+
+
+def victim_input(metadata: dict[str, Any], model: str, kind: str, needed_for: str = "") -> InputSpec:
+    """The victim's input shape from its metadata, after checking it is a ``kind``."""
+    if metadata["kind"] != kind:
+        raise ValueError(
+            f"{model!r} is a {metadata['kind']}, not an {kind}{needed_for}".replace("an c", "a c")
+        )
+    _, channels, height, width = metadata["inputs"][0]["shape"]
+    return InputSpec(channels=channels, height=height, width=width)
+
+
+def queries_record(planned: int, before: dict[str, Any], after: dict[str, Any], sent: int) -> dict[str, Any]:
+    """Queries of a run: planned, spent (the server's usage after minus before), sent, cache hits."""
+    return {
+        "planned": planned,
+        "spent": after["used"] - before["used"],
+        "sent": sent,
+        "cache_hits": planned - sent,
+        "key_used": after["used"],
+        "key_remaining": after.get("remaining"),
+    }

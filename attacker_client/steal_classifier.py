@@ -33,19 +33,20 @@ from attacker_client.attacks.classifier import (
     answers_to_targets,
     build_classifier_attack,
 )
-from attacker_client.client import VictimClient
 from attacker_client.evaluate_classifier import evaluate_classifier_stealing
 from attacker_client.runs import (
-    CACHE_FILE,
     RESULT_FILE,
     SURROGATE_DIR,
     find_victim_checkpoint,
+    open_victim_client,
     package_versions,
+    queries_record,
     query_pool,
+    victim_input,
 )
 from attacker_client.uq.base import Monitor, member_probabilities
 from common import distributed
-from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.checkpoints import card_for, load_checkpoint, save_checkpoint
 from common.datasets import get_dataset
 from common.devices import resolve_device, seed_everything
 from common.models import Classifier
@@ -140,18 +141,10 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    with VictimClient(
-        config.url,
-        config.key.get_secret_value(),
-        cache=out / CACHE_FILE,
-        progress=config.progress,
-        cache_namespace=config.cache_namespace,
-    ) as client:
+    with open_victim_client(config, out) as client:
         metadata = client.model_metadata(config.model)
-        if metadata["kind"] != "classifier":
-            raise ValueError(f"{config.model!r} is a {metadata['kind']}, not a classifier")
-        _, channels, height, width = metadata["inputs"][0]["shape"]
-        spec = InputSpec(channels=channels, height=height, width=width)
+        spec = victim_input(metadata, config.model, "classifier")
+        channels, height, width = spec.shape
         classes = len(metadata["classes"])
         version = (metadata.get("versions") or [""])[0]
         mode = resolve_output(attack.params.output, metadata.get("allowed_outputs") or [])
@@ -232,14 +225,7 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
         "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
         "budget": config.budget,
         "samples": result.samples,
-        "queries": {
-            "planned": result.queries,
-            "spent": after["used"] - before["used"],
-            "sent": sent,
-            "cache_hits": result.queries - sent,
-            "key_used": after["used"],
-            "key_remaining": after.get("remaining"),
-        },
+        "queries": queries_record(result.queries, before, after, sent),
         "evaluation": evaluation,
         "monitor": result.monitor,
         "history": result.history,

@@ -35,15 +35,17 @@ from attacker_client.attacks import build_attack
 from attacker_client.client import VictimClient
 from attacker_client.evaluate import EvalConfig, evaluate_stealing
 from attacker_client.runs import (
-    CACHE_FILE,
     RESULT_FILE,
     SURROGATE_DIR,
     find_victim_checkpoint,
+    open_victim_client,
     package_versions,
+    queries_record,
     query_pool,
+    victim_input,
 )
 from common import distributed
-from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.checkpoints import card_for, load_checkpoint, save_checkpoint
 from common.devices import seed_everything
 from common.models import ImageModel
 
@@ -88,15 +90,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
         client: VictimClient | None = None
         if context.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            client = stack.enter_context(
-                VictimClient(
-                    config.url,
-                    config.key.get_secret_value(),
-                    cache=out / CACHE_FILE,
-                    progress=config.progress,
-                    cache_namespace=config.cache_namespace,
-                )
-            )
+            client = stack.enter_context(open_victim_client(config, out))
 
         def on_main(fn: Any) -> Any:
             """``fn(client)`` run by rank 0, its result given to every rank."""
@@ -106,10 +100,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
             return on_main(lambda c: c.embed(config.model, images))
 
         metadata = on_main(lambda c: c.model_metadata(config.model))
-        if metadata["kind"] != "encoder":
-            raise ValueError(f"{config.model!r} is a {metadata['kind']}, not an encoder")
-        _, channels, height, width = metadata["inputs"][0]["shape"]
-        spec = InputSpec(channels=channels, height=height, width=width)
+        spec = victim_input(metadata, config.model, "encoder")
         version = (metadata.get("versions") or [""])[0]
         pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
         before = on_main(lambda c: c.usage())
@@ -161,14 +152,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
         "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
         "budget": config.budget,
         "samples": result.samples,
-        "queries": {
-            "planned": result.queries,
-            "spent": after["used"] - before["used"],
-            "sent": sent,
-            "cache_hits": result.queries - sent,
-            "key_used": after["used"],
-            "key_remaining": after.get("remaining"),
-        },
+        "queries": queries_record(result.queries, before, after, sent),
         "evaluation": evaluation,
         "history": result.history,
         "extra": result.extra,

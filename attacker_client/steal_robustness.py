@@ -24,10 +24,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from attacker_client.attacks.rrm import RobustRepresentationMatching, StudentRun
-from attacker_client.client import VictimClient
-from attacker_client.runs import CACHE_FILE, RESULT_FILE, package_versions, query_pool
+from attacker_client.runs import (
+    RESULT_FILE,
+    open_victim_client,
+    package_versions,
+    queries_record,
+    query_pool,
+    victim_input,
+)
 from common.adversarial import robust_accuracy
-from common.checkpoints import InputSpec, card_for, save_checkpoint
+from common.checkpoints import card_for, save_checkpoint
 from common.datasets import get_dataset
 from common.devices import resolve_device, seed_everything
 from common.metrics import accuracy
@@ -85,18 +91,10 @@ def steal_robustness(config: RobustnessStealingConfig) -> dict[str, Any]:
     seed_everything(attack.params.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    with VictimClient(
-        config.url,
-        config.key.get_secret_value(),
-        cache=out / CACHE_FILE,
-        progress=config.progress,
-        cache_namespace=config.cache_namespace,
-    ) as client:
+    with open_victim_client(config, out) as client:
         metadata = client.model_metadata(config.model)
-        if metadata["kind"] != "encoder":
-            raise ValueError(f"{config.model!r} is a {metadata['kind']}; RRM needs its embedding endpoint")
-        _, channels, height, width = metadata["inputs"][0]["shape"]
-        spec = InputSpec(channels=channels, height=height, width=width)
+        spec = victim_input(metadata, config.model, "encoder", ": RRM needs its embedding endpoint")
+        channels, height, width = spec.shape
         pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
         before = client.usage()
 
@@ -152,14 +150,7 @@ def steal_robustness(config: RobustnessStealingConfig) -> dict[str, Any]:
         "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
         "budget": config.budget,
         "samples": len(samples),
-        "queries": {
-            "planned": len(samples),
-            "spent": after["used"] - before["used"],
-            "sent": sent,
-            "cache_hits": len(samples) - sent,
-            "key_used": after["used"],
-            "key_remaining": after.get("remaining"),
-        },
+        "queries": queries_record(len(samples), before, after, sent),
         "evaluation": {
             "eps": eps,
             "steps": config.eval_steps,
