@@ -134,16 +134,17 @@ def part_rrm(store: Path, samples: int, epochs: int) -> dict[str, Any]:
         with torch.no_grad():
             return encoder.features(torch.from_numpy(images).float() / 255).numpy()
 
-    adversarial = robust_recipe("quick").adversarial or {}
-    eps = adversarial["eps"]
+    adversarial = robust_recipe("quick").adversarial
+    assert adversarial is not None
+    eps = adversarial.eps
     attack = RobustRepresentationMatching(
         {
             "lam": 0.1,
             "epochs": epochs,
             "lr": 0.05,
             "at_eps": eps,
-            "at_step_size": adversarial["step_size"],
-            "at_steps": adversarial["steps"],
+            "at_step_size": adversarial.step_size,
+            "at_steps": adversarial.steps,
         }
     )
     rrm, chosen, _ = attack.steal(oracle, splits.attacker_pool, samples, torch.device("cpu"), False)

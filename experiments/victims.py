@@ -39,6 +39,16 @@ from defenses.config import DefenseConfig, write_defense_config
 Profile = Literal["quick", "paper"]
 
 
+class AdversarialTraining(BaseModel):
+    """PGD adversarial training (Madry et al. 2018): L-inf on [0, 1] inputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eps: float = Field(gt=0)
+    step_size: float = Field(gt=0)
+    steps: int = Field(ge=1)
+
+
 class VictimRecipe(BaseModel):
     """Everything that determines a victim; its JSON is stored in the card to detect reuse."""
 
@@ -60,7 +70,7 @@ class VictimRecipe(BaseModel):
         "the victim is trained from the plain recipe's baseline",
     )
 
-    adversarial: dict[str, float] | None = Field(
+    adversarial: AdversarialTraining | None = Field(
         None,
         description="PGD adversarial training ({eps, step_size, steps}, L-inf on [0, 1]); an encoder "
         "recipe with it trains a robust classifier and serves its backbone's representation",
@@ -124,7 +134,7 @@ def robust_recipe(profile: Profile = "quick") -> VictimRecipe:
             kind="encoder",
             train_size=10_000,
             train=TrainConfig(epochs=3, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4),
-            adversarial={"eps": 0.1, "step_size": 0.025, "steps": 5},
+            adversarial=AdversarialTraining(eps=0.1, step_size=0.025, steps=5),
         )
     return VictimRecipe(
         name="cifar10-robust-encoder",
@@ -133,7 +143,7 @@ def robust_recipe(profile: Profile = "quick") -> VictimRecipe:
         architecture="resnet18",
         victim_fraction=0.8,
         train=TrainConfig(epochs=100, batch_size=128, lr=0.1, schedule="multistep", milestones=[50, 75]),
-        adversarial={"eps": 8 / 255, "step_size": 2 / 255, "steps": 7},
+        adversarial=AdversarialTraining(eps=8 / 255, step_size=2 / 255, steps=7),
     )
 
 
@@ -229,13 +239,14 @@ def train_victim(
         classifier = build_model(
             "classifier", recipe.architecture, channels, mean, std, len(train.classes), recipe.feature_dim
         )
-        history = train_adversarial(classifier, train, recipe.train, **recipe.adversarial, progress=progress)  # type: ignore[arg-type]
+        pgd_settings = recipe.adversarial.model_dump()
+        history = train_adversarial(classifier, train, recipe.train, **pgd_settings, progress=progress)
         metrics["test_accuracy"] = accuracy(
             predict(classifier, splits.eval.images, device=device), splits.eval.labels
         )
         held_out = _first(splits.eval, 1000)
         metrics["pgd_accuracy"] = robust_accuracy(
-            classifier, held_out.images, held_out.labels, device=device, **recipe.adversarial
+            classifier, held_out.images, held_out.labels, device=device, **pgd_settings
         )
         if recipe.kind == "encoder":  # serve the robust classifier's representation
             model.backbone.load_state_dict(classifier.backbone.state_dict())

@@ -60,13 +60,18 @@ def test_profiles_name_distinct_victims() -> None:
 
 
 def test_robust_recipe_serves_an_adversarially_trained_representation(tmp_path: Path) -> None:
-    recipe = tiny("encoder").model_copy(
-        update={"name": "tiny-robust", "adversarial": {"eps": 0.1, "step_size": 0.05, "steps": 1}}
+    recipe = VictimRecipe.model_validate(
+        {
+            **tiny("encoder").model_dump(),
+            "name": "tiny-robust",
+            "adversarial": {"eps": 0.1, "step_size": 0.05, "steps": 1},
+        }
     )
     card = train_victim(recipe, tmp_path, progress=False)
     assert card.kind == "encoder" and set(card.metrics) == {"test_accuracy", "pgd_accuracy"}
     assert card.metrics["pgd_accuracy"] <= card.metrics["test_accuracy"] + 0.05
     from experiments.victims import robust_recipe
 
-    assert robust_recipe().adversarial == {"eps": 0.1, "step_size": 0.025, "steps": 5}
+    assert robust_recipe().adversarial.model_dump() == {"eps": 0.1, "step_size": 0.025, "steps": 5}  # type: ignore[union-attr]
+    assert isinstance(robust_recipe().adversarial.steps, int)  # type: ignore[union-attr]
     assert robust_recipe("paper").architecture == "resnet18"
