@@ -4,8 +4,8 @@ mislead knowledge-distillation stealing while its labels stay right.
 1. The baseline teacher (the plain victim) crafts PGD adversarial examples of the training set
    (untargeted, cross-entropy, L-inf; released defaults eps 0.3, step 0.01, 40 steps on [0, 1]).
 2. The AST teacher trains from scratch: for a clean batch (x, y) and its adversarial batch x_adv,
-   ``z_adv = f(x_adv)`` without gradient, keep its top-k logits (k = 2 for 10 classes), set the rest
-   to -inf; ``p = softmax(f(x) / T)``, ``q = softmax(z_sparse / T)``;
+   ``z_adv = f(x_adv)`` without gradient and in eval mode, keep its top-k logits (k = 2 for 10
+   classes), set the rest to -inf; ``p = softmax(f(x) / T)``, ``q = softmax(z_sparse / T)``;
    ``L = α·T²·D(p, q) + (1 - α)·CE(f(x), y)`` with α = 0.05 and T = 6 (the paper's CIFAR-10 values).
 3. ``D`` is ``kl``: KL(q || p), or ``epd``: the released code's "exponential predictive divergence",
    PyTorch's ``KLDivLoss(log_target=True)`` applied to probabilities, ``Σ_c e^{q_c} (q_c - p_c)``
@@ -115,8 +115,12 @@ class AdversarialSparseTeacher(TeacherDefense):
 
         def step(net: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x = batch_to_device(data.images[batch], device)
+            # The released code takes the adversarial logits in eval mode: batch norm's running
+            # statistics, neither taken from nor updated by the adversarial batch.
+            net.eval()
             with torch.no_grad(), autocast(device):
                 z_adv = net(adversarial[batch].to(device))
+            net.train()
             with autocast(device):
                 logits = net(x)
             return ast_loss(

@@ -100,6 +100,22 @@ def test_ast_teacher_keeps_near_plain_accuracy_on_a_tiny_run() -> None:
         assert not torch.allclose(torch.softmax(teacher(x) / 6, 1), torch.softmax(plain(x) / 6, 1), atol=0.05)
 
 
+def test_ast_takes_the_adversarial_logits_in_eval_mode() -> None:
+    """As the released code: batch norm's running statistics see only the clean batches."""
+    data = make_synthetic(64, seed=1)
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", max_steps=3)
+    torch.manual_seed(0)
+    baseline = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=8)
+    fresh = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=8)
+    assert isinstance(baseline, Classifier) and isinstance(fresh, Classifier)
+    modes: list[bool] = []
+    fresh.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    build_teacher_defense("ast", {"steps": 1, "step_size": 0.1}).train(
+        baseline, fresh, data, cfg, progress=False
+    )
+    assert modes == [False, True] * 3  # per step: adversarial (eval), then clean (train)
+
+
 def tiny_classifier() -> VictimRecipe:
     return VictimRecipe(
         name="tiny-classifier",
