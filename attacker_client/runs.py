@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from attacker_client.client import VictimClient
 from common.checkpoints import InputSpec, read_card
@@ -18,6 +18,28 @@ from common.datasets import ImageData, get_dataset, make_splits
 RESULT_FILE = "result.json"
 CACHE_FILE = "query_cache.sqlite"
 SURROGATE_DIR = "surrogate"
+
+
+class StealingRunConfig(BaseModel):
+    """What every run's config holds: the victim, the key, the attack's parameters, the query pool,
+    the budget, the run folder; each run's config adds its own (and its own defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    key: SecretStr
+    model: str
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
+    query_set: str = "fashion_mnist"
+    query_split: str = "attacker"
+    budget: int = Field(ge=1)
+    out: Path
+    device: str = "auto"
+    data_root: Path | None = None
+    progress: bool | None = None
+    cache_namespace: str | None = Field(
+        None, description="keys the query cache instead of the URL (the range: stable across ports)"
+    )
 
 
 def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from attacker_client.attacks.classifier import (
     ClassifierOracle,
@@ -37,6 +37,7 @@ from attacker_client.evaluate_classifier import evaluate_classifier_stealing
 from attacker_client.runs import (
     RESULT_FILE,
     SURROGATE_DIR,
+    StealingRunConfig,
     find_victim_checkpoint,
     open_victim_client,
     package_versions,
@@ -55,27 +56,13 @@ MEMBERS_DIR = "members"
 DIVERSITY_PLOT = "diversity.png"
 
 
-class ClassifierStealingConfig(BaseModel):
+class ClassifierStealingConfig(StealingRunConfig):
     """Everything one classifier-stealing run needs; the CLI and the range build it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    url: str
-    key: SecretStr
-    model: str
     attack: str = "knockoff"
-    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
-    query_set: str = "fashion_mnist"
-    query_split: str = "attacker"
-    budget: int = Field(ge=1)
-    out: Path
-    device: str = "auto"
     victim_checkpoint: Path | None = None
-    data_root: Path | None = None
     test_size: int = Field(2000, ge=10, description="held-out test images for the scores")
     monitor_size: int = Field(500, ge=2, description="held-out images for variance over training")
-    progress: bool | None = None
-    cache_namespace: str | None = None
 
 
 def resolve_output(requested: str, allowed: list[str]) -> OutputMode:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from attacker_client.attacks import build_attack
 from attacker_client.client import VictimClient
@@ -37,6 +37,7 @@ from attacker_client.evaluate import EvalConfig, evaluate_stealing
 from attacker_client.runs import (
     RESULT_FILE,
     SURROGATE_DIR,
+    StealingRunConfig,
     find_victim_checkpoint,
     open_victim_client,
     package_versions,
@@ -50,29 +51,15 @@ from common.devices import seed_everything
 from common.models import ImageModel
 
 
-class EncoderStealingConfig(BaseModel):
+class EncoderStealingConfig(StealingRunConfig):
     """Everything one run needs; the CLI and the range build it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    url: str
-    key: SecretStr
-    model: str
     attack: str = "rda"
-    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
     query_set: str = "mnist5k"
     query_split: str = "train"
-    budget: int = Field(ge=1)
-    out: Path
-    device: str = "auto"
     victim_checkpoint: Path | None = None
-    data_root: Path | None = None
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     untrained_reference: bool = Field(True, description="also score an untrained surrogate")
-    progress: bool | None = None
-    cache_namespace: str | None = Field(
-        None, description="keys the query cache instead of the URL (the range: stable across ports)"
-    )
 
 
 def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from attacker_client.attacks.rrm import RobustRepresentationMatching, StudentRun
 from attacker_client.runs import (
     RESULT_FILE,
+    StealingRunConfig,
     open_victim_client,
     package_versions,
     queries_record,
@@ -42,26 +43,12 @@ from common.training import predict
 STUDENTS_DIR = "students"
 
 
-class RobustnessStealingConfig(BaseModel):
+class RobustnessStealingConfig(StealingRunConfig):
     """Everything one RRM run needs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    url: str
-    key: SecretStr
-    model: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    query_set: str = "fashion_mnist"
-    query_split: str = "attacker"
-    budget: int = Field(ge=1)
-    out: Path
-    device: str = "auto"
-    data_root: Path | None = None
     test_size: int = Field(1000, ge=10)
     eval_steps: int = Field(20, ge=1, description="PGD steps of the robustness evaluation")
     references: bool = Field(True, description="also train the PGD-AT and plain references")
-    progress: bool | None = None
-    cache_namespace: str | None = None
 
 
 def score(

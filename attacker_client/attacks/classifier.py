@@ -264,6 +264,10 @@ class ClassifierAttack(abc.ABC):
         assert isinstance(model, Classifier)
         return model
 
+    def surrogate_for(self, data: TransferSet, seed: int | None = None) -> Classifier:
+        """A fresh surrogate shaped for ``data``: its images' channels, its targets' classes."""
+        return self.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]), seed)
+
     def fit(
         self,
         model: Classifier,

@@ -72,7 +72,7 @@ class BayesByBackprop(UQMethod):
         monitor: Monitor | None,
         progress: bool | None,
     ) -> Classifier:
-        self.model = model = attack.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]))
+        self.model = model = attack.surrogate_for(data)
         model.to(device)
         mus = dict(model.named_parameters())
         names = self.variational_names(model)

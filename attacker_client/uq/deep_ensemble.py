@@ -50,8 +50,7 @@ class DeepEnsemble(UQMethod):
         progress: bool | None,
     ) -> Classifier:
         seed = attack.params.seed
-        channels, classes = int(data.images.shape[1]), int(data.targets.shape[1])
-        models = [attack.build_surrogate(channels, classes, seed + SEED_STRIDE * m) for m in range(members)]
+        models = [attack.surrogate_for(data, seed + SEED_STRIDE * m) for m in range(members)]
         devices = member_devices(device, members)
         snapshots: list[list[torch.Tensor]] = [[] for _ in range(members)]
         marks: list[int] = []

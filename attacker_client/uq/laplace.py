@@ -145,7 +145,7 @@ class LastLayerLaplace(UQMethod):
         monitor: Monitor | None,
         progress: bool | None,
     ) -> Classifier:
-        self.model = model = attack.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]))
+        self.model = model = attack.surrogate_for(data)
         subset = data.images[: self.params.monitor_fit_images]
 
         def members_now() -> list[Classifier]:

@@ -59,7 +59,7 @@ class MCDropout(UQMethod):
         progress: bool | None,
     ) -> Classifier:
         p = self.params.p
-        self.model = attack.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]))
+        self.model = attack.surrogate_for(data)
 
         def logits(model: Classifier, x: torch.Tensor) -> torch.Tensor:
             return model.head(F.dropout(model.features(x), p, training=True))

@@ -122,7 +122,7 @@ class SWAG(UQMethod):
         monitor: Monitor | None,
         progress: bool | None,
     ) -> Classifier:
-        self.model = model = attack.build_surrogate(int(data.images.shape[1]), int(data.targets.shape[1]))
+        self.model = model = attack.surrogate_for(data)
         self.posterior = posterior = SWAGPosterior(self.params.max_rank)
         self.bn_images = data.images[: self.params.bn_images]
         per_epoch = attack.params.steps_per_epoch(len(data))
