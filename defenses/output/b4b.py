@@ -26,6 +26,11 @@ occupies 0.7 % of the buckets (sigma 0.014 RMS), a thief asking 1k / 5k / 20k Fa
 3.1 / 5.0 / 7.0 % (sigma 0.14 / 0.43 / 1.4 RMS). Coverage depends on the hyperplanes drawn (another
 draw gave 12 % at 20k) and an honest user whose task is the encoder's own domain covers as much as a
 thief and pays as much (``stealrange defenses cost``): calibrate with your users' traffic.
+
+Each worker keeps the per-key transformations it computed in a least-recently-used cache bounded by
+bytes (``B4B.CACHE_BYTES``, 64 MiB: 64 keys at embedding dimension 512, whose map is 1 MiB); an
+evicted map is recomputed, identically, from the secret. The LSH hyperplanes are per model, not per
+key (``n_bits x dim`` floats each).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -73,6 +79,10 @@ def _seeded(secret: bytes, *parts: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.element_size() * tensor.nelement()
+
+
 def lsh_buckets(embeddings: torch.Tensor, hyperplanes: torch.Tensor) -> list[int]:
     """SimHash: bit ``j`` of an embedding's bucket is ``<h_j, e> > 0``."""
     bits = (embeddings.float().cpu() @ hyperplanes.T > 0).long()
@@ -90,7 +100,7 @@ class B4B(OutputDefense):
     Params = B4BParams
     params: B4BParams
     stateful = True
-    CACHE = 4096  # per-key transformations kept in memory (recomputed from the secret when evicted)
+    CACHE_BYTES = 64 * 2**20  # per-key transformations kept in memory, in all (LRU; recomputed when evicted)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -98,6 +108,8 @@ class B4B(OutputDefense):
         self._transforms: OrderedDict[tuple[bytes, str, str, int], tuple[torch.Tensor, torch.Tensor]] = (
             OrderedDict()
         )
+        self._transform_bytes = 0
+        self._transform_lock = threading.Lock()
 
     @property
     def buckets(self) -> int:
@@ -114,9 +126,11 @@ class B4B(OutputDefense):
     def transformation(self, context: DefenseContext, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The key's ``(M, b)`` with ``e -> e M + b``: rotation x scale x shuffle, and a shift."""
         key = (context.secret, context.key_id, context.model, dim)
-        if key in self._transforms:
-            self._transforms.move_to_end(key)
-            return self._transforms[key]
+        with self._transform_lock:  # apply() runs in worker threads
+            cached = self._transforms.get(key)
+            if cached is not None:
+                self._transforms.move_to_end(key)
+                return cached
         generator = _seeded(context.secret, "b4b-transform", context.key_id, context.model, str(dim))
         q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
         rotation = q * torch.sign(torch.diagonal(r))  # Haar-distributed orthogonal matrix
@@ -124,10 +138,30 @@ class B4B(OutputDefense):
         shuffle = torch.randperm(dim, generator=generator)
         matrix = (rotation * scale)[:, shuffle].float()
         shift = torch.randn(dim, generator=generator) * self.params.shift
-        self._transforms[key] = (matrix, shift)
-        if len(self._transforms) > self.CACHE:
-            self._transforms.popitem(last=False)
+        self._cache_transform(key, matrix, shift)
         return matrix, shift
+
+    def _cache_transform(
+        self, key: tuple[bytes, str, str, int], matrix: torch.Tensor, shift: torch.Tensor
+    ) -> None:
+        """Keep ``(matrix, shift)``, evicting the least recently used maps past ``CACHE_BYTES``."""
+        size = _nbytes(matrix) + _nbytes(shift)
+        if size > self.CACHE_BYTES:
+            return  # larger than the whole cache: recomputed on every request
+        with self._transform_lock:
+            if key in self._transforms:  # another thread computed it meanwhile
+                self._transforms.move_to_end(key)
+                return
+            self._transforms[key] = (matrix, shift)
+            self._transform_bytes += size
+            while self._transform_bytes > self.CACHE_BYTES:
+                _, (old_matrix, old_shift) = self._transforms.popitem(last=False)
+                self._transform_bytes -= _nbytes(old_matrix) + _nbytes(old_shift)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by this worker's cache of per-key transformations."""
+        return self._transform_bytes
 
     def state_key(self, store: DefenseStore, key_id: str, model: str) -> str:
         return store.key(key_id, "b4b", model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 
 from defenses.base import DefenseContext, image_digests
 from defenses.detectors import PRADA, build_detector
+from defenses.detectors import prada as prada_module
 from defenses.detectors.prada import prada_reference, shapiro_w
 from defenses.output.b4b import B4B, lsh_buckets, noise_scale
 from defenses.state import DefenseStore
@@ -121,6 +123,34 @@ def test_b4b_noise_grows_with_coverage_and_transforms_are_per_key() -> None:
     assert not torch.allclose(b4b.apply(e, other), clean)  # another key, another space
 
 
+def test_b4b_transform_cache_is_bounded_by_bytes() -> None:
+    """Many keys keep the per-key maps under ``CACHE_BYTES``; an evicted key's map comes back identical."""
+    b4b = B4B()
+    dim = 32
+    per_key = (dim * dim + dim) * 4  # float32 matrix and shift
+    b4b.CACHE_BYTES = 5 * per_key  # room for five keys
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(3, dim, generator=torch.Generator().manual_seed(1))
+
+    def served(key: str) -> torch.Tensor:
+        ctx = context(x, key=key)
+        ctx.state["b4b"] = torch.zeros(3)
+        return b4b.apply(e, ctx)
+
+    first = served("key-0")
+    for i in range(1, 50):
+        served(f"key-{i}")
+        assert b4b.cached_bytes <= b4b.CACHE_BYTES
+    assert b4b.cached_bytes == 5 * per_key
+    assert len(b4b._transforms) == 5
+    assert "key-0" not in {k[1] for k in b4b._transforms}, "key-0 should have been evicted"
+    torch.testing.assert_close(served("key-0"), first, rtol=0, atol=0)  # recomputed from the secret
+    fresh = B4B()  # a map larger than the whole cache is not kept
+    fresh.CACHE_BYTES = per_key - 1
+    fresh.transformation(context(x, key="big"), dim)
+    assert fresh.cached_bytes == 0 and not fresh._transforms
+
+
 # ---------------------------------------------------------------------------------------------- PRADA
 
 
@@ -215,3 +245,214 @@ def test_prada_flags_an_extraction_stream_not_an_honest_one(backend: str | None)
     assert h.w is not None and h.w > 0.9 and not h.flagged
     assert a.w is not None and a.w < 0.9 and a.flagged
     assert flags["m"]["flag"] == "extraction_suspected" and flags["m"]["w"] < 0.9
+
+
+def stored_rows(raw: list[bytes]) -> torch.Tensor:
+    """A growing set as Redis holds it, ``[m, dim]`` in [0, 1]."""
+    return torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1).copy()) / 255
+
+
+async def assert_cache_matches_redis(prada: PRADA, store: DefenseStore) -> None:
+    """Every growing set a worker caches is what Redis holds."""
+    for name, entry in prada._sets.items():
+        torch.testing.assert_close(
+            entry.rows.float() / 255, stored_rows(await store.redis.lrange(name, 0, -1))
+        )
+
+
+def test_prada_state_is_bounded(backend: str | None) -> None:
+    """Redis keeps the last ``window`` distances and ``max_set_size`` members per class; the
+    distances, thresholds and W are Algorithm 1's with the oldest member evicted past that size."""
+    g = torch.Generator().manual_seed(5)
+    spread = torch.linspace(0.1, 1, 60).reshape(60, 1, 1, 1)  # ever farther queries: the sets grow
+    images = (torch.rand(60, 1, 5, 5, generator=g) * spread * 255).round() / 255
+    classes = torch.randint(0, 2, (60,), generator=g).tolist()
+    a, b = (
+        PRADA(min_distances=5, window=10, max_set_size=4),
+        PRADA(min_distances=5, window=10, max_set_size=4),
+    )
+
+    async def body(
+        store: DefenseStore,
+    ) -> tuple[list[Any], list[float], dict[int, list[bytes]], dict[str, float]]:
+        detections = []
+        for i, (start, stop) in enumerate([(0, 7), (7, 8), (8, 25), (25, 31), (31, 60)]):
+            prada = a if i % 2 == 0 else b  # two workers, each with its cache
+            detections.append(await prada.observe(store, "k", "m", images[start:stop], classes[start:stop]))
+            await assert_cache_matches_redis(prada, store)
+        distances = [float(v) for v in await store.redis.lrange(a._key(store, "k", "m", "d"), 0, -1)]
+        sets = {c: await store.redis.lrange(a._key(store, "k", "m", "g", str(c)), 0, -1) for c in range(2)}
+        raw = await store.redis.hgetall(a._key(store, "k", "m", "stats"))
+        stats = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        return detections, distances, sets, stats
+
+    detections, distances, sets, stats = with_store(backend, body)
+    ref_distances, ref_growing, ref_threshold = prada_reference(images, classes, max_set_size=4)
+    unbounded_distances, unbounded_growing, _ = prada_reference(images, classes)
+    assert min(len(unbounded_growing[c]) for c in range(2)) > 4  # eviction happened
+    assert unbounded_distances != pytest.approx(ref_distances, rel=1e-9)  # and mattered
+    assert distances == pytest.approx(ref_distances[-10:], rel=1e-9)  # only the window is kept
+    assert detections[-1].distances == len(ref_distances)  # but all are counted
+    assert detections[-1].w == pytest.approx(shapiro_w(np.array(ref_distances[-10:])))
+    for c in range(2):
+        assert len(sets[c]) == len(ref_growing[c]) == 4
+        flat = images.reshape(60, -1)
+        torch.testing.assert_close(stored_rows(sets[c]), flat[ref_growing[c]])
+        assert stats[f"t:{c}"] == pytest.approx(ref_threshold[c], rel=1e-9)  # T_c over all of D_c
+
+
+def off_loop() -> bool:
+    """True when no event loop runs in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
+def test_prada_computes_off_the_event_loop(backend: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distances and the Shapiro-Wilk test run in a worker thread, never on the event loop."""
+    calls: list[tuple[str, bool]] = []
+    cdist, shapiro = torch.cdist, prada_module.shapiro_w
+
+    def watched_cdist(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(("cdist", off_loop()))
+        return cdist(*args, **kwargs)
+
+    def watched_shapiro(distances: np.ndarray) -> float:
+        calls.append(("shapiro", off_loop()))
+        return shapiro(distances)
+
+    monkeypatch.setattr(torch, "cdist", watched_cdist)
+    monkeypatch.setattr(prada_module, "shapiro_w", watched_shapiro)
+    images = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    prada = PRADA(min_distances=3)
+
+    async def body(store: DefenseStore) -> None:
+        await prada.observe(store, "k", "m", images, [0] * 12)
+        await prada.state(store, "k", "m")
+
+    with_store(backend, body)
+    assert {name for name, _ in calls} == {"cdist", "shapiro"}
+    assert all(off for _, off in calls), calls
+
+
+def in_other_worker(
+    connect: Callable[[], Redis], prefix: str, body: Callable[[DefenseStore], Awaitable[None]]
+) -> None:
+    """Run ``body`` as another process's worker would: its own thread, event loop and connection."""
+
+    async def main() -> None:
+        redis = connect()
+        try:
+            await body(DefenseStore(redis, prefix=prefix))
+        finally:
+            await redis.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
+    thread.start()
+    thread.join()
+
+
+def during_distances(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run ``action`` once, in the middle of the next request's distance computation."""
+    cdist, armed = torch.cdist, [True]
+
+    def hooked(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if armed[0]:
+            armed[0] = False
+            action()
+        return cdist(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", hooked)
+
+
+def test_prada_cache_follows_redis_when_the_lock_ran_out(
+    backend: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A's lock expires mid-update and worker B appends to the set first: A must not go on
+    with a cached set out of step with Redis (it would miss B's member)."""
+    g = torch.Generator().manual_seed(6)
+    p0, p1, p2 = ((torch.rand(3, 1, 5, 5, generator=g) * 255).round() / 255).split(1)
+    a, b = PRADA(min_distances=3), PRADA(min_distances=3)
+    server, prefix = fakeredis.FakeServer(), f"t{uuid.uuid4().hex[:8]}"
+
+    def connect() -> Redis:
+        return Redis.from_url(backend) if backend else fakeredis.FakeAsyncRedis(server=server)
+
+    async def b_writes(store: DefenseStore) -> None:
+        await store.redis.delete(a._key(store, "k", "m", "lock"))  # A's lock expired
+        await b.observe(store, "k", "m", p2, [0])
+
+    async def main() -> list[float]:
+        redis = connect()
+        store = DefenseStore(redis, prefix=prefix)
+        try:
+            await a.observe(store, "k", "m", p0, [0])
+            during_distances(monkeypatch, lambda: in_other_worker(connect, prefix, b_writes))
+            await a.observe(store, "k", "m", p1, [0])  # B appends p2 while A computes
+            await assert_cache_matches_redis(a, store)
+            await a.observe(store, "k", "m", p2, [0])  # p2 is in G_0: its distance is 0
+            await assert_cache_matches_redis(a, store)
+            return [float(v) for v in await redis.lrange(a._key(store, "k", "m", "d"), 0, -1)]
+        finally:
+            await redis.aclose()
+
+    distances = asyncio.run(main())
+    assert len(distances) == 3 and distances[-1] == 0.0
+
+
+def test_prada_forgets_a_key_whose_lock_was_taken(
+    backend: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When releasing finds the lock another's (it expired during the update), the worker drops its
+    cached sets of that key, and only of that key."""
+    images = (torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(7)) * 255).round() / 255
+    prada = PRADA(min_distances=3)
+    server, prefix = fakeredis.FakeServer(), f"t{uuid.uuid4().hex[:8]}"
+
+    def connect() -> Redis:
+        return Redis.from_url(backend) if backend else fakeredis.FakeAsyncRedis(server=server)
+
+    async def take_lock(store: DefenseStore) -> None:
+        await store.redis.set(prada._key(store, "k", "m", "lock"), "another-worker", px=50)
+
+    async def main() -> tuple[set[str], set[str]]:
+        redis = connect()
+        store = DefenseStore(redis, prefix=prefix)
+        try:
+            await prada.observe(store, "other", "m", images[:2], [0, 1])
+            await prada.observe(store, "k", "m", images[:2], [0, 1])
+            before = set(prada._sets)
+            during_distances(monkeypatch, lambda: in_other_worker(connect, prefix, take_lock))
+            await prada.observe(store, "k", "m", images[2:], [0, 1])
+            return before, set(prada._sets)
+        finally:
+            await redis.aclose()
+
+    before, after = asyncio.run(main())
+    assert {name.split(":")[1] for name in before} == {"{k}", "{other}"}
+    assert {name.split(":")[1] for name in after} == {"{other}"}
+
+
+def test_prada_cache_is_bounded_by_bytes() -> None:
+    """Many keys keep the worker's cached sets under ``CACHE_BYTES``, with the same results."""
+    g = torch.Generator().manual_seed(8)
+    images = (torch.rand(20, 1, 4, 4, generator=g) * 255).round() / 255
+    classes = torch.randint(0, 2, (20,), generator=g).tolist()
+    prada = PRADA(min_distances=3)
+    prada.CACHE_BYTES = 5 * 16  # five 16-pixel rows
+
+    async def body(store: DefenseStore) -> list[list[float]]:
+        runs = []
+        for key in [f"key-{i}" for i in range(6)]:
+            for start in range(0, 20, 5):
+                await prada.observe(store, key, "m", images[start : start + 5], classes[start : start + 5])
+                assert prada.cached_bytes <= prada.CACHE_BYTES
+                await assert_cache_matches_redis(prada, store)
+            runs.append([float(v) for v in await store.redis.lrange(prada._key(store, key, "m", "d"), 0, -1)])
+        return runs
+
+    runs = with_store(None, body)
+    expected = prada_reference(images, classes)[0]
+    assert all(run == pytest.approx(expected, rel=1e-9) for run in runs)

@@ -130,6 +130,22 @@ def test_refund_gives_back_budget_and_rate_and_is_audited(backend: str | None) -
     run(backend, body)
 
 
+def test_refund_moves_the_rate_clock_back_only_by_what_it_gives(backend: str | None) -> None:
+    """A refund of more than is used gives back ``min(n, used)`` images, and only that much rate."""
+
+    async def body(acc: Accounting, redis: Redis) -> None:
+        key = await add_key(acc, redis, budget=100, rate=1.0, burst=10)  # one image per second
+        assert (await acc.charge(key, 5, "m", "label", "r1")).ok
+        tat = int(await redis.hget(acc.key_hash(key), "tat"))
+        await redis.hset(acc.key_hash(key), "used", 2)  # e.g. an admin credited 3 images meanwhile
+        assert await acc.refund(key, 5, "m", "label", "r1") == 0
+        # give = 2: the clock moves back two intervals (2 s), not five (which would reach now).
+        assert int(await redis.hget(acc.key_hash(key), "tat")) == tat - 2 * 1_000_000
+        assert (await acc.audit_events(key))[-1]["n"] == "2"
+
+    run(backend, body)
+
+
 def test_audit_stream_is_bounded(backend: str | None) -> None:
     async def body(acc: Accounting, redis: Redis) -> int:
         key = await add_key(acc, redis, budget=-1)
