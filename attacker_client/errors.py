@@ -1,8 +1,9 @@
 """Typed exceptions of the victim API client, one class per failure (anthropic-sdk-python style).
 
-Every HTTP error carries the status, the stable error ``code`` and ``message`` of the API's envelope
-``{"error": {"type", "code", "message"}}``, the ``X-Request-ID`` and the response headers.
-:func:`error_from_response` maps a response to the right class.
+Every HTTP error carries the status, the stable error ``code`` and ``message`` of the API's error
+body (KServe v2's ``{"error": "<message>", "code", "type"}`` on ``/v2`` routes, OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` elsewhere), the server's ``X-Request-ID`` and
+the response headers. :func:`error_from_response` maps a response to the right class.
 """
 
 from __future__ import annotations
@@ -108,9 +109,12 @@ def error_from_response(response: httpx.Response) -> VictimAPIError:
     code: str | None = None
     message = response.reason_phrase or f"HTTP {response.status_code}"
     try:
-        error = response.json().get("error") or {}
-        code = error.get("code")
-        message = error.get("message") or message
+        body = response.json()
+        error = body.get("error")
+        if isinstance(error, str):  # KServe v2: the message is the string, the code beside it
+            code, message = body.get("code"), error or message
+        elif isinstance(error, dict):  # OpenAI's envelope
+            code, message = error.get("code"), error.get("message") or message
     except (ValueError, AttributeError):
         pass
     status = response.status_code

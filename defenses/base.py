@@ -66,9 +66,13 @@ class DefenseContext:
     key_id: str
     model: str
     digests: Sequence[bytes]
-    secret: bytes = b""
+    secret: bytes  # required and non-empty: without it anyone could recompute the keyed noise
     inputs: torch.Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            raise ValueError("a defense context needs the server secret (an empty secret is no secret)")
 
     def keyed_seed(self, salt: str) -> int:
         """A 63-bit seed of (secret, key, model, ``salt``) alone: the same for every image of a key."""

@@ -5,7 +5,9 @@
      "detector": {"name": "prada", "delta": 0.95, "action": "refuse"}}
 
 ``default`` is the pipeline for every key; ``tiers`` overrides it for keys of a tier (an empty list
-serves that tier undefended). ``detector`` (optional) watches every key's query stream (PRADA).
+serves that tier undefended); ``profiles`` names pipelines an admin assigns to single keys (a key's
+``defense_profile``, e.g. a stronger pipeline for a key under suspicion): a key's profile wins over
+its tier where the model defines it. ``detector`` (optional) watches every key's query stream (PRADA).
 The file lives apart from the card so an operator can change a model's defenses without touching
 the trained artefact. A missing file means undefended. Every spec is
 built when the server starts, so a typo stops the start-up with a message naming the file.
@@ -33,6 +35,7 @@ class DefenseConfig(BaseModel):
 
     default: list[dict[str, Any]] = Field(default_factory=list)
     tiers: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    profiles: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     detector: dict[str, Any] | None = None
 
     def pipelines(self, kind: ModelKind) -> dict[str, DefensePipeline]:
@@ -41,6 +44,10 @@ class DefenseConfig(BaseModel):
         for tier, specs in self.tiers.items():
             out[tier] = DefensePipeline.from_specs(specs, kind)
         return out
+
+    def profile_pipelines(self, kind: ModelKind) -> dict[str, DefensePipeline]:
+        """``{profile: pipeline}`` of the named per-key profiles, every spec built and checked."""
+        return {name: DefensePipeline.from_specs(specs, kind) for name, specs in self.profiles.items()}
 
     def build_detector(self, kind: ModelKind) -> PRADA | None:
         """The configured detector, checked (its ``defend_with`` pipeline built), or None."""

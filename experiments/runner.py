@@ -344,10 +344,13 @@ def run_scenario(
         store = run_dir / "store"
         build_range_store(scenario, victims, store)
         measure_costs(scenario, store, run_dir / COSTS_FILE, data_root)
-        admin_token = secrets.token_urlsafe(16)
+        admin_token = secrets.token_urlsafe(32)
         env = {
             "STEALRANGE_ADMIN_TOKEN": admin_token,
-            "STEALRANGE_SERVER_SECRET": f"range-{scenario.name}",
+            # Random per run: a secret derived from the scenario would let anyone who reads the
+            # scenario recompute the keyed noise and invert B4B's transforms.
+            "STEALRANGE_SERVER_SECRET": secrets.token_urlsafe(32),
+            "STEALRANGE_KEY_PEPPER": secrets.token_urlsafe(32),
             "STEALRANGE_REDIS_PREFIX": f"range-{scenario.name}-{secrets.token_hex(4)}",
         }
         run_started = time.perf_counter()

@@ -82,12 +82,16 @@ class Accounting:
     def _keys(self, key_id: str) -> list[str]:
         return [self.key_hash(key_id), self.audit_stream(key_id)]
 
-    async def charge(self, key_id: str, n: int, model: str, mode: str, request_id: str) -> ChargeResult:
-        """Charge ``n`` images to ``key_id``, or nothing; see :class:`ChargeStatus`."""
+    async def charge(
+        self, key_id: str, n: int, model: str, mode: str, request_id: str, client_request_id: str = ""
+    ) -> ChargeResult:
+        """Charge ``n`` images to ``key_id``, or nothing; see :class:`ChargeStatus`. ``request_id`` is
+        the server's id of the request; the client's own id, if any, is audited beside it."""
         if n < 1:
             raise ValueError("a charge is at least one image")
         raw = await self._charge(
-            keys=self._keys(key_id), args=[n, model, mode, request_id, self.audit_maxlen]
+            keys=self._keys(key_id),
+            args=[n, model, mode, request_id, self.audit_maxlen, client_request_id],
         )
         values = [int(v) for v in raw]
         return ChargeResult(ChargeStatus(values[0]), *values[1:])

@@ -1,4 +1,8 @@
-"""FastAPI dependencies, all in one place, as ``Annotated`` aliases the routers use."""
+"""FastAPI dependencies, all in one place, as ``Annotated`` aliases the routers use.
+
+Everything a route needs was built once in ``create_app`` and lives on ``app.state``; only this
+module reads it from there.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
 
 from defenses.state import DefenseStore
 from server.accounting import Accounting
 from server.errors import AuthenticationError, PermissionDeniedError
 from server.keys import KeyRecord, KeyStore
 from server.registry import ModelRegistry
+from server.service import InferenceService, RequestIds
 from server.settings import ServerSettings
+from server.stats import ModelStats
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
@@ -39,11 +46,26 @@ def get_defense_store(request: Request) -> DefenseStore:
     return request.app.state.defense_store
 
 
+def get_service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+def get_stats(request: Request) -> ModelStats:
+    return request.app.state.stats
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 AccountingDep = Annotated[Accounting, Depends(get_accounting)]
 KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
 DefenseStoreDep = Annotated[DefenseStore, Depends(get_defense_store)]
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+StatsDep = Annotated[ModelStats, Depends(get_stats)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
 async def get_api_key(
@@ -62,23 +84,27 @@ ApiKeyDep = Annotated[KeyRecord, Depends(get_api_key)]
 async def require_admin(
     settings: SettingsDep, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """Admin endpoints need ``Authorization: Bearer <admin token>``; disabled when no token is set."""
-    if settings.admin_token is None:
+    """Admin endpoints need ``Authorization: Bearer <admin token>``; disabled when no token is set.
+
+    An empty token is no token (the settings read it as unset), so an empty credential can never
+    match it.
+    """
+    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    if not token:
         raise PermissionDeniedError(
             "admin endpoints are disabled (set STEALRANGE_ADMIN_TOKEN)", code="admin_disabled"
         )
-    expected = settings.admin_token.get_secret_value().encode()
-    given = (bearer.credentials if bearer else "").encode()
-    if not hmac.compare_digest(expected, given):
+    given = bearer.credentials if bearer is not None else ""
+    if not given or not hmac.compare_digest(token.encode(), given.encode()):
         raise AuthenticationError("invalid admin token", code="invalid_admin_token")
 
 
 AdminDep = Depends(require_admin)
 
 
-def request_id(request: Request) -> str:
-    """The request id set by the middleware (the caller's ``X-Request-ID`` or a fresh one)."""
-    return request.state.request_id
+def request_ids(request: Request) -> RequestIds:
+    """The server's request id and the client's own (set by the middleware)."""
+    return RequestIds(request.state.request_id, request.state.client_request_id)
 
 
-RequestIdDep = Annotated[str, Depends(request_id)]
+RequestIdsDep = Annotated[RequestIds, Depends(request_ids)]

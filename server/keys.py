@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from server.accounting import Accounting, as_text
 from server.errors import AuthenticationError
+from server.secrets import ServerSecrets
 
 KEY_PATTERN = re.compile(r"^sr-(?P<key_id>[0-9a-f]{16})-(?P<secret>[A-Za-z0-9_-]{43})$")
 
@@ -39,7 +40,12 @@ class KeySpec(BaseModel):
         "standard", pattern=r"^[a-z0-9_-]{1,32}$", description="output-mode tier, see model cards"
     )
     models: list[str] = Field(["*"], description="model names this key may query; '*' = all")
-    defense_profile: str | None = Field(None, max_length=64, description="named defense profile for this key")
+    defense_profile: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="a defense profile of the models' defenses.json ('profiles'): this key's pipeline "
+        "wherever a model defines it, in place of its tier's",
+    )
 
     @field_validator("rate")
     @classmethod
@@ -72,15 +78,14 @@ class CreatedKey(BaseModel):
 class KeyStore:
     """Create, read, list, revoke and authenticate keys in Redis."""
 
-    def __init__(self, redis: Redis, accounting: Accounting, pepper: str = "") -> None:
+    def __init__(self, redis: Redis, accounting: Accounting, secrets: ServerSecrets) -> None:
         self.redis = redis
         self.accounting = accounting
-        self.pepper = pepper.encode()
+        self.secrets = secrets  # the pepper is read at use: it is resolved in the app's lifespan
         self.index = f"{accounting.prefix}:keys"
-        self._dummy_hash = self._hash("0" * 43)
 
     def _hash(self, secret: str) -> str:
-        return hmac.new(self.pepper, secret.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self.secrets.key_pepper, secret.encode(), hashlib.sha256).hexdigest()
 
     async def create(self, spec: KeySpec) -> CreatedKey:
         key_id = secrets.token_hex(8)
@@ -148,7 +153,7 @@ class KeyStore:
         """The record of a valid, unrevoked key; one 401 for every other case."""
         match = KEY_PATTERN.match(presented or "")
         loaded = await self._load(match["key_id"]) if match else None
-        stored = loaded[1] if loaded else self._dummy_hash
+        stored = loaded[1] if loaded else self._hash("0" * 43)  # the same work for unknown ids
         given = self._hash(match["secret"] if match else "x" * 43)
         valid = hmac.compare_digest(stored, given) and loaded is not None
         if not valid or loaded is None or loaded[0].revoked:

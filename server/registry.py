@@ -49,15 +49,24 @@ class ServedModel:
     device: torch.device
     output_names: list[str] = field(default_factory=list)
     defenses: dict[str, DefensePipeline] = field(default_factory=dict)  # tier or "*" -> pipeline
+    profiles: dict[str, DefensePipeline] = field(default_factory=dict)  # key's defense_profile -> pipeline
     detector: PRADA | None = None
 
     @property
     def name(self) -> str:
         return self.card.name
 
-    def pipeline_for(self, tier: str) -> DefensePipeline:
-        """The tier's own pipeline, else the model's default (empty: undefended)."""
-        return self.defenses.get(tier) or self.defenses.get(DEFAULT_TIER) or DefensePipeline()
+    def pipeline_for(self, tier: str, profile: str | None = None) -> DefensePipeline:
+        """The key's profile's pipeline where this model defines it, else the tier's own, else the
+        model's default. A configured empty pipeline (``"tiers": {"research": []}``) is kept: it
+        serves undefended, it does not fall back to the default."""
+        if profile is not None and profile in self.profiles:
+            return self.profiles[profile]
+        if tier in self.defenses:
+            return self.defenses[tier]
+        if DEFAULT_TIER in self.defenses:
+            return self.defenses[DEFAULT_TIER]
+        return DefensePipeline()
 
     def outputs_for_tier(self, tier: str) -> list[str]:
         modes = set(self.card.modes_for_tier(tier))
@@ -168,9 +177,11 @@ class ModelRegistry:
                 model, card = load_checkpoint(folder, device)
                 config = load_defense_config(folder)
                 pipelines = config.pipelines(card.kind)
+                profiles = config.profile_pipelines(card.kind)
                 detector = config.build_detector(card.kind)
                 bound = [
                     *pipelines.values(),
+                    *profiles.values(),
                     *([detector.fallback] if detector and detector.fallback else []),
                 ]
                 for pipeline in bound:
@@ -186,6 +197,7 @@ class ModelRegistry:
                 device=device,
                 output_names=names,
                 defenses=pipelines,
+                profiles=profiles,
                 detector=detector,
             )
         return cls(models)
@@ -198,3 +210,7 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return sorted(self.models)
+
+    def profiles(self) -> set[str]:
+        """Every defense profile some served model defines (what a key's ``defense_profile`` may name)."""
+        return {name for served in self.models.values() for name in served.profiles}

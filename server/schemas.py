@@ -107,9 +107,16 @@ class EmbeddingItem(BaseModel):
 
 
 class EmbeddingsUsage(BaseModel):
+    """OpenAI's usage block; one image is one query and counts as one token, so token-based
+    dashboards show the queries charged."""
+
     images: int
-    prompt_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of_images(cls, n: int) -> EmbeddingsUsage:
+        return cls(images=n, prompt_tokens=n, total_tokens=n)
 
 
 class EmbeddingsResponse(BaseModel):
@@ -137,6 +144,14 @@ class RatePolicy(BaseModel):
     burst: int
 
 
+class KeyFlag(BaseModel):
+    """What a key is told of a detection: which one, and since when; not the detector's statistics."""
+
+    flag: str
+    detector: str | None = None
+    since: float | None = Field(None, description="Unix time of the detection")
+
+
 class Usage(BaseModel):
     """A key's lifetime budget and rate policy, read live from Redis."""
 
@@ -149,8 +164,10 @@ class Usage(BaseModel):
     remaining: int = Field(description="-1 = unlimited")
     rate: RatePolicy
     revoked: bool
-    flags: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="detections by model, e.g. PRADA's extraction_suspected"
+    flags: dict[str, KeyFlag] = Field(
+        default_factory=dict,
+        description="detections by model, e.g. PRADA's extraction_suspected (the statistics behind a "
+        "flag are for the admin API only)",
     )
 
 
@@ -162,3 +179,45 @@ class Health(BaseModel):
     live: bool = True
     ready: bool | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class TritonTensorConfig(BaseModel):
+    """One input or output of Triton's model configuration."""
+
+    name: str
+    data_type: str
+    format: str | None = None
+    dims: list[int]
+
+
+class TritonModelConfig(BaseModel):
+    """Triton's model-configuration extension (``GET /v2/models/{name}/config``)."""
+
+    name: str
+    platform: str = "pytorch_libtorch"
+    backend: str = "pytorch"
+    max_batch_size: int
+    input: list[TritonTensorConfig]
+    output: list[TritonTensorConfig]
+    parameters: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
+class TritonInferStat(BaseModel):
+    count: int
+    ns: int
+
+
+class TritonModelStats(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="milliseconds since the epoch; 0 = never")
+    inference_count: int = Field(description="images inferred (1 query = 1 image)")
+    execution_count: int = Field(description="forward passes")
+    inference_stats: dict[str, TritonInferStat]
+    batch_stats: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TritonStatistics(BaseModel):
+    """Triton's statistics extension (``GET /v2/models/stats``, ``/v2/models/{name}/stats``)."""
+
+    model_stats: list[TritonModelStats]

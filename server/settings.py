@@ -1,28 +1,43 @@
-"""Server settings: one pydantic-settings class, every field overridable by a ``STEALRANGE_`` env var."""
+"""Server settings: one pydantic-settings class, every field overridable by a ``STEALRANGE_`` env var.
+
+Secrets (``admin_token``, ``key_pepper``, ``server_secret``) have no usable default: unset or empty
+is no value. An unset admin token disables the admin API; an unset pepper or server secret is
+generated at random on first start and shared through Redis (:mod:`server.secrets`). A secret that
+is set must be at least :data:`MIN_SECRET_LENGTH` characters.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_SECRET_LENGTH = 16
 
 
 class ServerSettings(BaseSettings):
     """Everything the victim API reads from its environment (prefix ``STEALRANGE_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="STEALRANGE_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="STEALRANGE_", env_file=None, extra="ignore", hide_input_in_errors=True
+    )
 
     model_store: Path = Field(Path("model_store"), description="folder of checkpoint folders to serve")
     redis_url: str | None = Field(
         None, description="redis:// URL; unset = embedded in-process Redis (fakeredis, one worker only)"
     )
     admin_token: SecretStr | None = Field(
-        None, description="bearer token of the admin endpoints; unset = disabled"
+        None, description="bearer token of the admin endpoints; unset or empty = admin API disabled"
     )
-    key_pepper: SecretStr = Field(SecretStr(""), description="server secret mixed into stored API-key hashes")
-    server_secret: SecretStr = Field(
-        SecretStr("stealrange-dev-secret"), description="seeds deterministic per-(key, input) defense noise"
+    key_pepper: SecretStr | None = Field(
+        None,
+        description="secret mixed into stored API-key hashes; unset = random, generated once, kept in Redis",
+    )
+    server_secret: SecretStr | None = Field(
+        None,
+        description="keys the per-(key, input) defense noise and B4B's transforms; unset = random, "
+        "generated once, kept in Redis",
     )
     redis_max_connections: int = Field(64, ge=1, description="Redis connections per worker")
     redis_timeout: float = Field(
@@ -34,6 +49,12 @@ class ServerSettings(BaseSettings):
 
     max_batch: int = Field(256, ge=1, le=65536, description="most images in one request")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="largest request body, counted on the stream")
+    max_json_tensor_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="largest KServe JSON body (JSON numbers cost ~35 ns each to parse, holding the GIL; "
+        "send larger batches with the binary extension)",
+    )
     max_image_bytes: int = Field(1 << 20, ge=64, description="largest encoded image in /v1/embeddings")
     max_image_pixels: int = Field(1 << 22, ge=1, description="largest decoded image (width x height)")
     image_formats: list[str] = Field(["PNG", "JPEG"], description="encoded image formats accepted")
@@ -51,6 +72,19 @@ class ServerSettings(BaseSettings):
     )
     device: str = Field("cpu", description="device of the served models: cpu, cuda, cuda:i")
     accounting_enabled: bool = Field(
-        True, description="benchmarking only: False serves authenticated requests without charging them"
+        True,
+        description="benchmarking only: False serves authenticated requests without charging them "
+        "(warned at start, and every answer carries x-stealrange-unmetered: true)",
     )
     expose_defense: bool = Field(False, description="name the applied defenses in responses")
+
+    @field_validator("admin_token", "key_pepper", "server_secret", mode="before")
+    @classmethod
+    def _no_empty_secret(cls, value: object) -> object:
+        """An empty or blank secret is no secret: it reads as unset, never as a value that matches."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if isinstance(raw, str) and len(raw) < MIN_SECRET_LENGTH:
+            raise ValueError(f"a secret needs at least {MIN_SECRET_LENGTH} characters")
+        return value

@@ -156,3 +156,12 @@ def run_live_server(model_store: Path, redis_url: str | None, workers: int = 1, 
     }
     with victim_process(model_store, redis_url, workers=workers, env=environment) as url:
         yield url
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    """``{"type", "code", "message"}`` of an error body in either protocol's shape: KServe v2's
+    ``{"error": "<message>", "code", "type"}`` or OpenAI's ``{"error": {"message", "type", ...}}``."""
+    body = response.json()
+    if isinstance(body.get("error"), str):
+        return {"type": body["type"], "code": body["code"], "message": body["error"]}
+    return {k: body["error"][k] for k in ("type", "code", "message")}

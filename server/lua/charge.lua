@@ -1,7 +1,7 @@
 -- Charge n images to one API key: lifetime budget AND GCRA rate limit, both or neither.
 -- KEYS[1] = <prefix>:{<key_id>}:key     (hash: budget, used, rate, burst, tat, revoked)
 -- KEYS[2] = <prefix>:{<key_id>}:audit   (stream of charge / refund events)
--- ARGV    = n, model, mode, request_id, audit_maxlen
+-- ARGV    = n, model, mode, request_id (the server's), audit_maxlen, client_request_id ('' if none)
 -- Both keys share the hash tag {<key_id>}, so the script also runs on Redis Cluster.
 -- Time is the server's TIME (microseconds), never the caller's clock.
 -- Returns {status, used, budget, rate_remaining, reset_us, retry_after_us, now_us}
@@ -49,5 +49,5 @@ end
 used = redis.call('HINCRBY', KEYS[1], 'used', n)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
   'event', 'charge', 'n', n, 'model', ARGV[2], 'mode', ARGV[3], 'request_id', ARGV[4],
-  'used', used, 't_us', string.format('%d', now))
+  'client_request_id', ARGV[6] or '', 'used', used, 't_us', string.format('%d', now))
 return {0, used, budget, remaining, reset, 0, now}

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 
 from defenses.output.b4b import B4B
 from server.deps import AccountingDep, AdminDep, DefenseStoreDep, KeyStoreDep, RegistryDep
-from server.errors import NotFoundError
+from server.errors import InvalidInputError, NotFoundError
 from server.keys import CreatedKey, KeyRecord, KeySpec
 from server.schemas import KeyList
 
@@ -19,7 +19,15 @@ router = APIRouter(prefix="/admin", tags=["Admin"], dependencies=[AdminDep])
 @router.post(
     "/keys", response_model=CreatedKey, status_code=201, summary="Create a key (its secret is shown once)"
 )
-async def create_key(spec: KeySpec, keys: KeyStoreDep) -> CreatedKey:
+async def create_key(spec: KeySpec, keys: KeyStoreDep, registry: RegistryDep) -> CreatedKey:
+    known = registry.profiles()
+    if spec.defense_profile is not None and spec.defense_profile not in known:
+        raise InvalidInputError(
+            f"defense profile {spec.defense_profile!r} is defined by no served model "
+            f"(profiles: {', '.join(sorted(known)) or 'none'}; see defenses.json 'profiles')",
+            code="unknown_defense_profile",
+            param="defense_profile",
+        )
     return await keys.create(spec)
 
 

@@ -1,31 +1,30 @@
-"""KServe v2 / Open Inference Protocol endpoints, with Triton's binary tensor extension."""
+"""KServe v2 / Open Inference Protocol endpoints, with Triton's binary tensor, model-configuration
+and statistics extensions. Every route that names a model needs a key that may query it; any other
+model, existing or not, is the same 404."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
-from common.wire import (
-    BINARY_CONTENT_TYPE,
-    HEADER_LENGTH,
-    WireError,
-    split_binary,
-    take_binary,
-)
+from common.wire import BINARY_CONTENT_TYPE, HEADER_LENGTH
 from server import __version__
-from server.deps import AccountingDep, ApiKeyDep, RegistryDep, RequestIdDep, SettingsDep
-from server.errors import ERROR_RESPONSES, InvalidInputError, InvalidRequestError, ServiceUnavailableError
-from server.schemas import Health, InferRequest, InferResponse, ModelMetadata, ServerMetadata, TensorMetadata
-from server.service import (
-    charged_inference,
-    check_model_access,
-    encode_infer_response,
-    validate_infer_request,
+from server.deps import ApiKeyDep, RedisDep, RegistryDep, RequestIdsDep, ServiceDep, SettingsDep, StatsDep
+from server.errors import KSERVE_ERROR_RESPONSES, ServiceUnavailableError
+from server.registry import ServedModel
+from server.schemas import (
+    Health,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ServerMetadata,
+    TensorMetadata,
+    TritonModelConfig,
+    TritonStatistics,
+    TritonTensorConfig,
 )
+from server.service import encode_infer_response
 
 router = APIRouter(tags=["KServe v2"])
 
@@ -69,7 +68,11 @@ _INFER_OPENAPI: dict[str, Any] = {
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="stealrange", version=__version__, extensions=["binary_tensor_data", "usage"])
+    return ServerMetadata(
+        name="stealrange",
+        version=__version__,
+        extensions=["binary_tensor_data", "model_configuration", "statistics", "usage"],
+    )
 
 
 @router.get("/v2/health/live", response_model=Health, summary="Liveness")
@@ -83,30 +86,35 @@ async def live() -> Health:
     summary="Readiness: models loaded and Redis answers",
     responses={503: {"description": "not ready"}},
 )
-async def ready(request: Request, registry: RegistryDep) -> Health:
+async def ready(redis: RedisDep, registry: RegistryDep) -> Health:
     try:
-        redis_ok = bool(await request.app.state.redis.ping())
+        redis_ok = bool(await redis.ping())
     except Exception:
         redis_ok = False
-    detail = {"models": registry.names(), "redis": redis_ok}
+    # No model names here: this route needs no key, and names are for keys that may query them.
+    detail = {"models": len(registry.models), "redis": redis_ok}
     if not (redis_ok and registry.models):
-        raise ServiceUnavailableError(f"not ready: {json.dumps(detail)}", code="not_ready")
+        raise ServiceUnavailableError(
+            f"not ready: {len(registry.models)} models, redis {'up' if redis_ok else 'down'}",
+            code="not_ready",
+        )
     return Health(live=True, ready=True, detail=detail)
 
 
+# Registered before /v2/models/{name}, which would otherwise take "stats" for a model name.
 @router.get(
-    "/v2/models/{name}",
-    response_model=ModelMetadata,
-    summary="Model metadata (input shape, dtype, normalisation, classes, output modes)",
-    responses={k: ERROR_RESPONSES[k] for k in (401, 404)},
+    "/v2/models/stats",
+    response_model=TritonStatistics,
+    summary="Inference statistics of every model this key may query (Triton's statistics extension)",
+    responses={401: KSERVE_ERROR_RESPONSES[401]},
 )
-async def model_metadata(
-    name: str, key: ApiKeyDep, registry: RegistryDep, settings: SettingsDep
-) -> ModelMetadata:
-    served = registry.get(name)
-    check_model_access(served, key)  # 403 for a model this key may not query
+async def all_model_stats(key: ApiKeyDep, service: ServiceDep, stats: StatsDep) -> TritonStatistics:
+    entries = [await stats.read(s.name, s.card.sha256[:12]) for s in service.visible_models(key)]
+    return TritonStatistics.model_validate({"model_stats": entries})
+
+
+def _output_metadata(served: ServedModel) -> list[TensorMetadata]:
     card = served.card
-    c, h, w = card.input.shape
     outputs = []
     for out in served.output_names:
         if out == "label":
@@ -120,12 +128,27 @@ async def model_metadata(
                 else (-1 if out == "top_k_probabilities" else card.num_classes)
             )
             outputs.append(TensorMetadata(name=out, datatype="FP32", shape=[-1, width]))
+    return outputs
+
+
+@router.get(
+    "/v2/models/{name}",
+    response_model=ModelMetadata,
+    summary="Model metadata (input shape, dtype, normalisation, classes, output modes)",
+    responses={k: KSERVE_ERROR_RESPONSES[k] for k in (401, 404)},
+)
+async def model_metadata(
+    name: str, key: ApiKeyDep, service: ServiceDep, settings: SettingsDep
+) -> ModelMetadata:
+    served = service.model_for(name, key)
+    card = served.card
+    c, h, w = card.input.shape
     return ModelMetadata(
         name=card.name,
         versions=[card.sha256[:12]],
         kind=card.kind,
         inputs=[TensorMetadata(name="images", datatype="UINT8", shape=[-1, c, h, w])],
-        outputs=outputs,
+        outputs=_output_metadata(served),
         normalisation={"mean": card.mean, "std": card.std},
         classes=card.classes,
         embedding_dim=card.feature_dim if card.kind == "encoder" else None,
@@ -142,33 +165,59 @@ async def model_metadata(
     "/v2/models/{name}/ready",
     response_model=Health,
     summary="Model readiness",
-    responses={404: ERROR_RESPONSES[404]},
+    responses={k: KSERVE_ERROR_RESPONSES[k] for k in (401, 404)},
 )
-async def model_ready(name: str, registry: RegistryDep) -> Health:
-    registry.get(name)
+async def model_ready(name: str, key: ApiKeyDep, service: ServiceDep) -> Health:
+    service.model_for(name, key)
     return Health(live=True, ready=True)
 
 
-def _parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, list[np.ndarray | None]]:
-    try:
-        if header_length is not None:
-            if not (header_length.isascii() and header_length.isdigit()):
-                raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer", code="invalid_header")
-            header, blob = split_binary(body, int(header_length))
-        else:
-            header, blob = json.loads(body), memoryview(b"")
-        request = InferRequest.model_validate(header)
-        request_inputs = [i.model_dump() for i in request.inputs]
-        binary = take_binary(request_inputs, blob)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequestError("the body is not valid JSON", code="invalid_json") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise InvalidInputError(f"{where}: {err['msg']}", code="invalid_request_body") from None
-    except (WireError, ValueError, OverflowError) as exc:  # numpy's own errors on absurd shapes too
-        raise InvalidInputError(f"invalid tensor: {exc}", code="invalid_tensor") from None
-    return request, binary
+@router.get(
+    "/v2/models/{name}/config",
+    response_model=TritonModelConfig,
+    summary="Model configuration (Triton's model-configuration extension)",
+    responses={k: KSERVE_ERROR_RESPONSES[k] for k in (401, 404)},
+)
+async def model_config(
+    name: str, key: ApiKeyDep, service: ServiceDep, settings: SettingsDep
+) -> TritonModelConfig:
+    """The model as Triton describes it: with ``max_batch_size`` > 0 the batch dimension is implicit,
+    so ``dims`` leave it out. The input also accepts FP32 in [0, 1] (see the model metadata)."""
+    served = service.model_for(name, key)
+    card = served.card
+    allowed = set(served.outputs_for_tier(key.tier))
+    outputs = [
+        TritonTensorConfig(
+            name=meta.name,
+            data_type="TYPE_" + meta.datatype,
+            dims=meta.shape[1:] or [1],
+        )
+        for meta in _output_metadata(served)
+        if meta.name in allowed
+    ]
+    return TritonModelConfig(
+        name=card.name,
+        max_batch_size=settings.max_batch,
+        input=[
+            TritonTensorConfig(
+                name="images", data_type="TYPE_UINT8", format="FORMAT_NCHW", dims=list(card.input.shape)
+            )
+        ],
+        output=outputs,
+        parameters={"kind": {"string_value": card.kind}, "version": {"string_value": card.sha256[:12]}},
+    )
+
+
+@router.get(
+    "/v2/models/{name}/stats",
+    response_model=TritonStatistics,
+    summary="Inference statistics of one model (Triton's statistics extension)",
+    responses={k: KSERVE_ERROR_RESPONSES[k] for k in (401, 404)},
+)
+async def model_stats(name: str, key: ApiKeyDep, service: ServiceDep, stats: StatsDep) -> TritonStatistics:
+    served = service.model_for(name, key)
+    entry = await stats.read(served.name, served.card.sha256[:12])
+    return TritonStatistics.model_validate({"model_stats": [entry]})
 
 
 @router.post(
@@ -176,36 +225,20 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, l
     response_model=InferResponse,
     summary="Inference: classifier outputs or encoder embeddings; 1 image = 1 query",
     openapi_extra=_INFER_OPENAPI,
-    responses={**ERROR_RESPONSES, 200: {"content": {BINARY_CONTENT_TYPE: {}}}},
+    responses={**KSERVE_ERROR_RESPONSES, 200: {"content": {BINARY_CONTENT_TYPE: {}}}},
 )
 async def infer(
-    name: str,
-    request: Request,
-    key: ApiKeyDep,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    accounting: AccountingDep,
-    request_id: RequestIdDep,
+    name: str, request: Request, key: ApiKeyDep, service: ServiceDep, ids: RequestIdsDep
 ) -> Response:
-    served = registry.get(name)
-    check_model_access(served, key)  # before reading the body
-    infer_request, binary = _parse_body(await request.body(), request.headers.get(HEADER_LENGTH.lower()))
-    images, outputs, top_k = validate_infer_request(served, key, infer_request, binary[0], settings.max_batch)
-    values, headers = await charged_inference(
-        served=served,
-        key=key,
-        images=images,
-        outputs=outputs,
-        top_k=top_k,
-        accounting=accounting,
-        limiter=request.app.state.inference_limiter,
-        request_id=request_id,
-        secret=settings.server_secret.get_secret_value().encode(),
-        expose_defense=settings.expose_defense,
-        charge=settings.accounting_enabled,
-        store=request.app.state.defense_store,
+    served = service.model_for(name, key)  # the key is checked before the body is read
+    body = await request.body()
+    infer_request, batch = await service.kserve_batch(
+        served, key, body, request.headers.get(HEADER_LENGTH.lower())
     )
-    body, media_type, length = encode_infer_response(served, infer_request, values, request_id)
+    values, headers = await service.infer(served, key, batch, ids)
+    content, media_type, length = await service.cpu(
+        encode_infer_response, served, infer_request, values, ids.request_id
+    )
     if length is not None:
         headers[HEADER_LENGTH] = str(length)
-    return Response(body, media_type=media_type, headers=headers)
+    return Response(content, media_type=media_type, headers=headers)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from server.deps import ApiKeyDep, DefenseStoreDep
 from server.errors import ERROR_RESPONSES
-from server.schemas import RatePolicy, Usage
+from server.schemas import KeyFlag, RatePolicy, Usage
 
 router = APIRouter(tags=["Usage"])
 
@@ -19,6 +19,11 @@ router = APIRouter(tags=["Usage"])
 )
 async def usage(key: ApiKeyDep, store: DefenseStoreDep) -> Usage:
     remaining = -1 if key.budget < 0 else max(0, key.budget - key.used)
+    flags = {
+        # Which detection and since when; the statistics (W, delta) stay on the admin API.
+        model: KeyFlag(flag=str(f.get("flag", "flagged")), detector=f.get("detector"), since=f.get("at"))
+        for model, f in (await store.flags(key.key_id)).items()
+    }
     return Usage(
         key_id=key.key_id,
         name=key.name,
@@ -29,5 +34,5 @@ async def usage(key: ApiKeyDep, store: DefenseStoreDep) -> Usage:
         remaining=remaining,
         rate=RatePolicy(images_per_second=key.rate, burst=key.burst),
         revoked=key.revoked,
-        flags=await store.flags(key.key_id),
+        flags=flags,
     )

@@ -82,6 +82,27 @@ def test_typed_errors_carry_request_id(make, status: int, code: str, cls: type) 
     assert route.calls[0].request.headers["authorization"] == "Bearer sk-test"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": "model 'x' not found", "code": "model_not_found", "type": "not_found"},  # KServe v2
+        {
+            "error": {
+                "message": "model 'x' not found",
+                "type": "not_found",
+                "param": None,
+                "code": "model_not_found",
+            }
+        },
+    ],
+)
+def test_both_error_shapes_parse(body: dict[str, Any]) -> None:
+    response = httpx.Response(404, json=body, headers={"X-Request-ID": "r"})
+    err = errors.error_from_response(response)
+    assert isinstance(err, errors.NotFoundError)
+    assert (err.code, err.message, err.request_id) == ("model_not_found", "model 'x' not found", "r")
+
+
 @respx.mock
 def test_retry_on_429_honours_retry_after_ms_then_retry_after(make) -> None:
     waits: list[float] = []

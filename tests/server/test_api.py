@@ -26,7 +26,7 @@ from PIL import Image
 from common.wire import BINARY_CONTENT_TYPE, HEADER_LENGTH, pack_binary, split_binary, take_binary
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.conftest import admin_headers, create_key, make_settings
+from tests.conftest import admin_headers, create_key, error_of, make_settings
 
 INFER = "/v2/models/clf/infer"
 ENC_INFER = "/v2/models/enc/infer"
@@ -143,13 +143,21 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, str]:
-    """``status`` with exactly the envelope ``{"error": {"type", "code", "message"}}``."""
+    """``status`` with exactly the error body of the route's protocol: on ``/v2`` KServe v2's
+    ``{"error": "<message>", "code", "type"}``, elsewhere OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}``. Returns ``{"type", "code", "message"}``."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"type", "code", "message"}, body
+    if response.request.url.path.startswith("/v2"):
+        assert set(body) == {"error", "code", "type"}, body
+        assert all(isinstance(v, str) and v for v in body.values()), body
+        error = {"type": body["type"], "code": body["code"], "message": body["error"]}
+    else:
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        error = {k: body["error"][k] for k in ("type", "code", "message")}
+        assert body["error"]["param"] is None or isinstance(body["error"]["param"], str), body
     assert all(isinstance(v, str) and v for v in error.values()), body
     if code is not None:
         assert error["code"] == code, body
@@ -194,11 +202,15 @@ def test_server_health_and_metadata(client: TestClient) -> None:
     ready = client.get("/v2/health/ready")
     assert ready.status_code == 200
     assert ready.json()["ready"] is True
-    assert ready.json()["detail"] == {"models": ["clf", "enc"], "redis": True}
+    # no key: how many models, never their names
+    assert ready.json()["detail"] == {"models": 2, "redis": True}
+    assert "clf" not in ready.text and "enc" not in ready.text
+    _, auth = create_key(client)
     for name in ("clf", "enc"):
-        model_ready = client.get(f"/v2/models/{name}/ready")
+        model_ready = client.get(f"/v2/models/{name}/ready", headers=auth)
         assert model_ready.status_code == 200 and model_ready.json()["ready"] is True
-    assert_error(client.get("/v2/models/nope/ready"), 404, "model_not_found")
+    assert_error(client.get("/v2/models/clf/ready"), 401, "invalid_api_key")
+    assert_error(client.get("/v2/models/nope/ready", headers=auth), 404, "model_not_found")
     assert_error(client.get("/no/such/route"), 404, "not_found")
     assert_error(client.put("/v2"), 405)
 
@@ -338,12 +350,24 @@ def test_fp32_equals_uint8_over_255(client: TestClient) -> None:
 
 def test_default_outputs_and_request_id(client: TestClient) -> None:
     key_id, auth = create_key(client)
+    # The client's id is kept beside the server's, never in its place: audit entries cannot be
+    # spoofed or made to collide by a client.
     response = client.post(INFER, json=json_body(images(2)), headers={**auth, "X-Request-ID": "req-42.a:b"})
-    assert response.headers["x-request-id"] == "req-42.a:b"
+    server_id = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", server_id)
+    assert response.headers["x-client-request-id"] == "req-42.a:b"
     body = response.json()
-    assert body["id"] == "req-42.a:b" and body["model_name"] == "clf"
+    assert body["id"] == server_id and body["model_name"] == "clf"
     assert [o["name"] for o in body["outputs"]] == ["probabilities"]
-    assert audit(client, key_id)[-1]["request_id"] == "req-42.a:b"
+    event = audit(client, key_id)[-1]
+    assert event["request_id"] == server_id and event["client_request_id"] == "req-42.a:b"
+    again = client.post(
+        INFER, json=json_body(images(1)), headers={**auth, "X-Client-Request-ID": "req-42.a:b"}
+    )
+    assert again.headers["x-request-id"] != server_id
+    assert audit(client, key_id)[-1]["request_id"] == again.headers["x-request-id"]
+    kserve_id = client.post(INFER, json={**json_body(images(1)), "id": "mine"}, headers=auth)
+    assert kserve_id.json()["id"] == "mine"  # the protocol's own request id is echoed as sent
 
     generated = client.post(INFER, json=json_body(images(1)), headers=auth).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
@@ -351,8 +375,10 @@ def test_default_outputs_and_request_id(client: TestClient) -> None:
     unsafe = client.get("/v2", headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe)
     assert re.fullmatch(r"[0-9a-f]{32}", client.get("/v2").headers["x-request-id"])
-    # errors carry the id too
-    assert client.get("/v1/usage", headers={"X-Request-ID": "abc"}).headers["x-request-id"] == "abc"
+    # errors carry the ids too
+    refused = client.get("/v1/usage", headers={"X-Request-ID": "abc"})
+    assert refused.status_code == 401 and refused.headers["x-client-request-id"] == "abc"
+    assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["x-request-id"])
     with_id = {**json_body(images(1)), "id": "mine"}
     assert client.post(INFER, json=with_id, headers=auth).json()["id"] == "mine"
 
@@ -425,14 +451,14 @@ def test_every_bad_key_gets_the_same_401(client: TestClient) -> None:
             lambda h=headers: client.post(INFER, json=json_body(images(1)), headers=h),
         ):
             response = assert_rejected(client, auth, send, 401, "invalid_api_key")
-            bodies.append(response.json())
+            bodies.append(error_of(response))
     assert all(body == bodies[0] for body in bodies), bodies
-    assert bodies[0]["error"]["type"] == "authentication_error"
+    assert bodies[0]["type"] == "authentication_error"
 
     # the key in the query string is never read
     for param in ("api_key", "key", "access_token"):
         send = lambda p=param: client.get("/v1/usage", params={p: api_key})  # noqa: E731
-        assert assert_rejected(client, auth, send, 401, "invalid_api_key").json() == bodies[0]
+        assert error_of(assert_rejected(client, auth, send, 401, "invalid_api_key")) == bodies[0]
 
     # X-API-Key works like Bearer
     by_header = client.post(INFER, json=json_body(images(2)), headers={"X-API-Key": api_key})
@@ -450,7 +476,10 @@ def test_bad_inference_header_length_bytes_is_400(model_store: Path, backend: st
 
     async def main() -> None:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+        ):
             response = await http.post("/admin/keys", json={}, headers=admin_headers())
             auth = {"Authorization": f"Bearer {response.json()['api_key']}"}
             request = binary_request(images(1))
@@ -459,7 +488,6 @@ def test_bad_inference_header_length_bytes_is_400(model_store: Path, backend: st
             )
             assert_error(response, 400, "invalid_header")
             assert (await http.get("/v1/usage", headers=auth)).json()["used"] == 0
-        await app.state.redis.aclose()
 
     asyncio.run(main())
 
@@ -470,7 +498,7 @@ def test_bad_inference_header_length_bytes_is_400(model_store: Path, backend: st
 def test_tiers_and_model_permissions(client: TestClient) -> None:
     _, label = create_key(client, tier="label")
     send = lambda: client.post(INFER, json=json_body(images(1), ["probabilities"]), headers=label)  # noqa: E731
-    assert assert_rejected(client, label, send, 403, "mode_not_allowed").json()["error"]["type"] == (
+    assert error_of(assert_rejected(client, label, send, 403, "mode_not_allowed"))["type"] == (
         "permission_error"
     )
     send = lambda: post_binary(client, INFER, label, binary_request(images(1), ["logits"]))  # noqa: E731
@@ -489,19 +517,25 @@ def test_tiers_and_model_permissions(client: TestClient) -> None:
     send = lambda: client.post(INFER, json=json_body(images(1), ["bogus"]), headers=standard)  # noqa: E731
     assert_rejected(client, standard, send, 422, "unknown_output")
 
+    # A model this key may not query answers exactly as a model that does not exist: the key
+    # learns nothing of it (the lookup and the access check are one step).
     _, enc_only = create_key(client, models=["enc"])
+    missing = error_of(client.get("/v2/models/nope", headers=enc_only))
+    for path in ("", "/ready", "/config", "/stats"):
+        hidden = client.get(f"/v2/models/clf{path}", headers=enc_only)
+        assert error_of(hidden) == {**missing, "message": missing["message"].replace("nope", "clf")}
     for send in (
         lambda: client.post(INFER, json=json_body(images(1)), headers=enc_only),
         lambda: post_binary(client, INFER, enc_only, binary_request(images(1), ["label"])),
         lambda: client.get("/v2/models/clf", headers=enc_only),
     ):
-        assert_rejected(client, enc_only, send, 403, "model_not_allowed")
+        assert_rejected(client, enc_only, send, 404, "model_not_found")
     assert client.post(ENC_INFER, json=json_body(images(1)), headers=enc_only).status_code == 200
     _, clf_only = create_key(client, models=["clf"])
     send = lambda: client.post(  # noqa: E731
         "/v1/embeddings", json={"model": "enc", "input": b64(png(images(1)[0]))}, headers=clf_only
     )
-    assert_rejected(client, clf_only, send, 403, "model_not_allowed")
+    assert_rejected(client, clf_only, send, 404, "model_not_found")
 
 
 def test_admin_auth_and_key_lifecycle(client: TestClient, model_store: Path, backend: str | None) -> None:
@@ -524,7 +558,28 @@ def test_admin_auth_and_key_lifecycle(client: TestClient, model_store: Path, bac
     with disabled:
         assert_error(disabled.get("/admin/keys", headers=admin_headers()), 403, "admin_disabled")
         assert_error(disabled.post("/admin/keys", json={}, headers=admin_headers()), 403, "admin_disabled")
+    # An empty token (what `--admin-token "$TOKEN"` becomes with $TOKEN unset) is no token: the
+    # admin API stays disabled, and no credential, empty or not, opens it.
+    for empty in ("", "   "):
+        open_door = TestClient(
+            create_app(
+                ServerSettings(
+                    model_store=model_store, redis_url=backend, redis_prefix="tempty", admin_token=empty
+                )
+            )
+        )
+        with open_door:
+            for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer  "}):
+                response = open_door.post("/admin/keys", json={}, headers=headers)
+                assert_error(response, 403, "admin_disabled")
+    with pytest.raises(ValueError, match="at least 16"):
+        ServerSettings(model_store=model_store, admin_token="short")
 
+    assert_error(
+        client.post("/admin/keys", json={"defense_profile": "nope"}, headers=admin_headers()),
+        422,
+        "unknown_defense_profile",
+    )
     spec = {
         "name": "bob",
         "budget": 7,
@@ -532,7 +587,7 @@ def test_admin_auth_and_key_lifecycle(client: TestClient, model_store: Path, bac
         "burst": 9,
         "tier": "research",
         "models": ["clf"],
-        "defense_profile": "noise",
+        "defense_profile": None,
     }
     created = client.post("/admin/keys", json=spec, headers=admin_headers())
     assert created.status_code == 201, created.text
@@ -920,8 +975,8 @@ BAD_EMBEDDINGS: list[tuple[str, Callable[[], dict[str, Any]], int, str | None]] 
     (
         "invalid-json",
         lambda: {"content": b"{nope", "headers": {"Content-Type": "application/json"}},
-        422,
-        None,
+        400,
+        "invalid_json",
     ),
     (
         "deeply-nested-json",
@@ -970,7 +1025,7 @@ def test_batch_and_image_limits(make_client: Callable[..., TestClient]) -> None:
     send = lambda: client.post(  # noqa: E731
         "/v1/embeddings", json={"model": "enc", "input": b64(png(images(1)[0]))}, headers=auth
     )
-    error = assert_rejected(client, auth, send, 413, "image_too_large").json()["error"]
+    error = error_of(assert_rejected(client, auth, send, 413, "image_too_large"))
     assert error["type"] == "invalid_request"
     # an encoded image over max_image_bytes
     big = b64(bytes(3000))
@@ -1004,7 +1059,7 @@ def test_body_size_cap(make_client: Callable[..., TestClient]) -> None:
         lambda: client.post(INFER, content=too_big, headers=json_type),
     ):
         response = assert_rejected(client, auth, send, 413, "payload_too_large")
-        assert response.json()["error"]["type"] == "invalid_request"
+        assert error_of(response)["type"] == "invalid_request"
         assert "x-request-id" in response.headers
     small = json.dumps(json_body(images(1))).encode()
     assert len(small) < 4096
@@ -1025,7 +1080,7 @@ def test_budget_exhaustion(client: TestClient) -> None:
         assert response.headers["x-budget-remaining"] == str(5 - expected)
     send = lambda: client.post(INFER, json=json_body(images(2)), headers=auth)  # noqa: E731
     refused = assert_rejected(client, auth, send, 429, "budget_exhausted")
-    assert refused.json()["error"]["type"] == "budget_exhausted"
+    assert error_of(refused)["type"] == "budget_exhausted"
     assert refused.headers["x-should-retry"] == "false"
     assert "retry-after" not in refused.headers
     assert refused.headers["x-budget-used"] == "4" and refused.headers["x-budget-remaining"] == "1"
@@ -1057,7 +1112,7 @@ def test_rate_limit(client: TestClient) -> None:
 
     send = lambda: client.post(INFER, json=json_body(images(2)), headers=auth)  # noqa: E731
     limited = assert_rejected(client, auth, send, 429, "rate_limited")
-    assert limited.json()["error"]["type"] == "rate_limited"
+    assert error_of(limited)["type"] == "rate_limited"
     retry_after = limited.headers["retry-after"]
     assert retry_after.isdigit() and 1 <= int(retry_after) <= 3
     retry_ms = limited.headers["retry-after-ms"]
@@ -1078,7 +1133,7 @@ def test_rate_limit(client: TestClient) -> None:
 
     send = lambda: client.post(INFER, json=json_body(images(3)), headers=auth)  # noqa: E731
     over_burst = assert_rejected(client, auth, send, 413, "batch_over_burst")
-    assert over_burst.json()["error"]["type"] == "invalid_request"
+    assert error_of(over_burst)["type"] == "invalid_request"
     assert used(client, auth) == 2
 
 
@@ -1086,7 +1141,7 @@ def test_tiny_rate_is_refused(client: TestClient) -> None:
     for rate in (1e-300, 1e-4):
         response = client.post("/admin/keys", json={"rate": rate}, headers=admin_headers())
         assert response.status_code == 422
-        assert response.json()["error"]["type"] == "invalid_input"
+        assert error_of(response)["type"] == "invalid_input"
     assert client.post("/admin/keys", json={"rate": 1e-3}, headers=admin_headers()).status_code == 201
 
 
@@ -1100,13 +1155,16 @@ def test_failed_inference_is_refunded(client: TestClient, monkeypatch: pytest.Mo
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA fell over")
 
-    monkeypatch.setattr(client.app.state.registry.models["clf"], "compute", broken)
+    monkeypatch.setattr(client.app.state.registry.models["clf"], "forward", broken)
     send = lambda: client.post(INFER, json=json_body(images(3)), headers={**auth, "X-Request-ID": "boom"})  # noqa: E731
     response = assert_rejected(client, auth, send, 503, "inference_failed")
     assert "CUDA" not in response.text
     events = audit(client, key_id)
     assert [(e["event"], e["n"]) for e in events] == [("charge", "1"), ("charge", "3"), ("refund", "3")]
-    assert events[1]["request_id"] == events[2]["request_id"] == "boom"
+    assert events[1]["request_id"] == events[2]["request_id"] == response.headers["x-request-id"]
+    assert events[1]["client_request_id"] == "boom"
+    stats = client.get("/v2/models/clf/stats", headers=auth).json()["model_stats"][0]["inference_stats"]
+    assert stats["success"]["count"] == 1 and stats["fail"]["count"] == 1
     assert events[2]["used"] == "1"
     monkeypatch.undo()
     # the refund gave the rate bucket back too: a full burst of 9 more still fits

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 
 from common.wire import infer_request
-from tests.conftest import create_key, run_live_server
+from tests.conftest import create_key, error_of, run_live_server
 
 BATCH = 3
 BUDGET = 997  # not a multiple of the batch size
@@ -50,7 +50,7 @@ def test_budget_exact_across_two_workers(model_store: Path, redis_url: str) -> N
     refused = [r for r in responses if r.status_code != 200]
     unexpected = {r.status_code: r.text[:300] for r in responses if r.status_code not in (200, 429)}
     assert not unexpected, (statuses, unexpected)
-    assert all(r.json()["error"]["code"] == "budget_exhausted" for r in refused)
+    assert all(error_of(r)["code"] == "budget_exhausted" for r in refused)
     assert all(r.headers["x-should-retry"] == "false" for r in refused)
     # Exactly as many images charged as served, never above the budget.
     assert usage["used"] == BATCH * len(served) == BATCH * (BUDGET // BATCH)

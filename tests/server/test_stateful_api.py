@@ -20,7 +20,7 @@ from defenses.base import DefenseContext
 from defenses.config import DefenseConfig, write_defense_config
 from defenses.output.b4b import B4B, lsh_buckets
 from server.app import create_app
-from tests.conftest import admin_headers, create_key, make_settings, run_live_server
+from tests.conftest import admin_headers, create_key, error_of, make_settings, run_live_server
 
 SECRET = "stateful-test-secret"
 PRADA = {"name": "prada", "delta": 0.9, "min_distances": 30}
@@ -112,10 +112,16 @@ def test_b4b_and_prada_state_is_shared_by_two_workers(stateful_store: Path, redi
         assert set(codes) <= {200, 403} and 403 in codes  # refused once flagged
         assert usage["used"] == served * 10  # refused requests were not charged
         flags = httpx.get(f"{url}/v1/usage", headers=thief_headers).json()["flags"]
-        assert flags["enc"]["flag"] == "extraction_suspected" and flags["enc"]["w"] < 0.9
+        # The key is told it is flagged, not the statistics (W, delta) that would tell it how far
+        # to back off; the admin API has them.
+        assert flags["enc"]["flag"] == "extraction_suspected" and flags["enc"]["detector"] == "prada"
+        assert set(flags["enc"]) == {"flag", "detector", "since"}
+        admin_flags = admin.get(f"/admin/keys/{thief_id}/defenses", headers=admin_headers()).json()["flags"]
+        assert admin_flags["enc"]["w"] < 0.9
         body, extra = infer_request(attack[:2], ["embedding"], binary=True)
         refused = httpx.post(f"{url}/v2/models/enc/infer", content=body, headers={**thief_headers, **extra})
-        assert refused.status_code == 403 and refused.json()["error"]["code"] == "extraction_suspected"
+        assert refused.status_code == 403 and error_of(refused)["code"] == "extraction_suspected"
+        assert "W=" not in refused.text and "0.95" not in refused.text
         # The honest key is still served.
         assert asyncio.run(send_all(url, honest_headers, "enc", [honest[:5]])) == [200]
 
