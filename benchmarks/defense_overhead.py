@@ -31,7 +31,7 @@ from common.wire import infer_request
 from defenses.config import DefenseConfig, write_defense_config
 from defenses.output.adaptive_misinformation import MISINFORMATION_FOLDER, train_misinformation_model
 from experiments.victim_process import victim_process
-from experiments.victims import recipe_for, train_victim
+from victims.recipes import recipe_for, train_victim
 
 ADMIN_TOKEN = "benchmark-admin"
 DEFENSES: dict[str, list[dict[str, Any]]] = {

@@ -48,7 +48,7 @@ from defenses.config import load_defense_config
 from defenses.cost import defended
 from defenses.data import ProtectionRecipe, evaluate_protection, protect_dataset
 from defenses.data.sep import SEPConfig
-from experiments.victims import recipe_for, robust_recipe, train_victim
+from victims.recipes import recipe_for, robust_recipe, train_victim
 
 
 def oracle_of(folder: Path) -> ClassifierOracle:

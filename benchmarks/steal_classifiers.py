@@ -35,7 +35,7 @@ import httpx
 from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
 from attacker_client.uq import list_uq_methods
 from experiments.victim_process import victim_process
-from experiments.victims import recipe_for, train_victim
+from victims.recipes import recipe_for, train_victim
 
 MODEL = "fmnist-classifier"
 ADMIN_TOKEN = "benchmark-admin"

@@ -33,7 +33,7 @@ import httpx
 from attacker_client.evaluate import EvalConfig
 from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
 from experiments.victim_process import victim_process
-from experiments.victims import recipe_for, train_victim
+from victims.recipes import recipe_for, train_victim
 
 ATTACKS = ("rda", "stolen_encoder", "cont_steal")
 MODEL = "fmnist-encoder"

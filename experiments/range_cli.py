@@ -32,7 +32,7 @@ def run_command(
     runs: Annotated[Path, typer.Option(help="results go to RUNS/<scenario name>/")] = Path("runs"),
     redis_url: Annotated[
         str | None,
-        typer.Option(envvar="REDIS_URL", help="a real Redis for the victim API (default: embedded)"),
+        typer.Option(envvar="STEALRANGE_REDIS_URL", help="a real Redis for the victim API (default: embedded)"),
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="forget finished cells and run them all again")

@@ -48,7 +48,7 @@ from defenses.data.sep import SEPConfig
 from experiments.report import RESULTS_FILE, build_report, read_results
 from experiments.scenario import Cell, Scenario
 from experiments.victim_process import victim_process
-from experiments.victims import recipe_for, robust_recipe, train_victim
+from victims.recipes import recipe_for, robust_recipe, train_victim
 
 COSTS_FILE = "costs.json"
 VICTIM_FILE = "victim.json"
@@ -322,7 +322,7 @@ def run_scenario(
     """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring)."""
     if scenario.workers > 1 and not redis_url:
         raise ValueError(
-            "workers > 1 needs a real Redis (redis_url / REDIS_URL): the embedded one is per process"
+            "workers > 1 needs a real Redis (redis_url / STEALRANGE_REDIS_URL): the embedded one is per process"
         )
     run_dir = runs / scenario.name
     run_dir.mkdir(parents=True, exist_ok=True)

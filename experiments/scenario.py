@@ -34,7 +34,7 @@ from attacker_client.evaluate import EvalConfig
 from common.datasets import list_datasets
 from defenses.base import DefensePipeline, ModelKind
 from defenses.detectors import build_detector
-from experiments.victims import recipe_for, robust_recipe
+from victims.recipes import recipe_for, robust_recipe
 
 NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 

@@ -19,7 +19,7 @@ from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.datasets import make_synthetic
 from common.models import Classifier, build_model
 from common.training import TrainConfig
-from experiments.cli import app
+from stealrange.cli import app
 from tests.conftest import create_key, run_live_server
 
 EPS = 0.06

@@ -17,7 +17,7 @@ from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkp
 from common.datasets import make_synthetic
 from common.models import build_model
 from common.training import TrainConfig, train_classifier
-from experiments.cli import app
+from stealrange.cli import app
 from tests.conftest import create_key, run_live_server
 
 TINY = {"epochs": 4, "batch_size": 32, "lr": 0.05, "feature_dim": 16, "lr_step": None}

@@ -21,7 +21,7 @@ from common.datasets import make_synthetic
 from common.metrics import extract_features, linear_probe
 from common.models import build_model
 from common.training import TrainConfig, train_classifier
-from experiments.cli import app
+from stealrange.cli import app
 from tests.conftest import create_key, run_live_server
 
 PARAMS = {"n_views": 4, "train_views": 2, "epochs": 5, "batch_size": 16, "lr": 3e-3}

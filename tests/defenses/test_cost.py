@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
 from defenses.cost import defense_cost, parse_defense
-from experiments.cli import app
+from stealrange.cli import app
 
 SPEC = InputSpec(channels=1, height=28, width=28)
 

@@ -134,7 +134,7 @@ def test_protect_and_evaluate_workflow(tmp_path: Path) -> None:
 def test_the_cli_protects_and_evaluates(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from experiments.cli import app
+    from stealrange.cli import app
 
     out = tmp_path / "cli-sep"
     args = ["protect-data", "--out", str(out), "--method", "sep-fa", "--eps", "8", "--steps", "2"]

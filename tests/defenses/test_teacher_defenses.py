@@ -19,7 +19,7 @@ from common.training import TrainConfig, predict, train_classifier
 from defenses.training import build_teacher_defense, list_teacher_defenses
 from defenses.training.ast import ast_loss, sparse_targets
 from defenses.training.nasty import nasty_loss
-from experiments.victims import VictimRecipe, recipe_for, train_victim
+from victims.recipes import VictimRecipe, recipe_for, train_victim
 
 
 def test_registry_and_parameters() -> None:

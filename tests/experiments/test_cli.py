@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 from typer.testing import CliRunner
 
-from experiments.cli import app
+from stealrange.cli import app
 from tests.conftest import ADMIN_TOKEN, run_live_server
 
 runner = CliRunner()

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
-from experiments.cli import app
 from experiments.report import PLOTS, read_results
 from experiments.runner import VICTIM_FILE, run_scenario
 from experiments.scenario import ScenarioError, load_scenario
+from stealrange.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -203,7 +203,7 @@ def test_interrupt_leaves_no_victim_behind(tiny_store: Path, tmp_path: Path, sig
     path = write(tmp_path / "s.yaml", scenario)
     env = {**os.environ, "STEALRANGE_NO_PROGRESS": "1"}
     runner = subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", "run", str(path), "--runs", str(tmp_path / "runs")],
+        [sys.executable, "-m", "stealrange.cli", "run", str(path), "--runs", str(tmp_path / "runs")],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

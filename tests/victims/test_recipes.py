@@ -8,7 +8,7 @@ import pytest
 
 from common.checkpoints import load_checkpoint, read_card
 from common.training import TrainConfig
-from experiments.victims import (
+from victims.recipes import (
     VictimRecipe,
     is_trained,
     paper_recipes,
@@ -70,7 +70,7 @@ def test_robust_recipe_serves_an_adversarially_trained_representation(tmp_path: 
     card = train_victim(recipe, tmp_path, progress=False)
     assert card.kind == "encoder" and set(card.metrics) == {"test_accuracy", "pgd_accuracy"}
     assert card.metrics["pgd_accuracy"] <= card.metrics["test_accuracy"] + 0.05
-    from experiments.victims import robust_recipe
+    from victims.recipes import robust_recipe
 
     assert robust_recipe().adversarial.model_dump() == {"eps": 0.1, "step_size": 0.025, "steps": 5}  # type: ignore[union-attr]
     assert isinstance(robust_recipe().adversarial.steps, int)  # type: ignore[union-attr]

@@ -1,6 +1,7 @@
 """The ``stealrange`` command: one typer app with sub-commands per side.
 
-- victim side (``server/cli.py``): ``up``, ``serve``, ``train-victim``, ``keys ...``
+- victim side (``server/cli.py``): ``serve``, ``keys ...``; victims (``victims/cli.py``):
+  ``train-victim``; both together (``stealrange/up.py``): ``up``
 - attacker side (``attacker_client/cli.py``): ``attack list|params|rda|stolen-encoder|...``
 - defenses (``defenses/cli.py``): ``defenses list|cost|train-misinformation``
 - data protection (``defenses/data/cli.py``): ``protect-data``, ``evaluate-protection``
@@ -16,6 +17,8 @@ from defenses.cli import defenses_app
 from defenses.data import cli as data_cli
 from experiments import range_cli
 from server import cli as server_cli
+from stealrange.up import up
+from victims.cli import train_victim_command
 
 app = typer.Typer(
     name="stealrange",
@@ -25,9 +28,9 @@ app = typer.Typer(
 )
 app.command("run")(range_cli.run_command)
 app.command("report")(range_cli.report_command)
-app.command("up")(server_cli.up)
+app.command("up")(up)
 app.command("serve")(server_cli.serve)
-app.command("train-victim")(server_cli.train_victim_command)
+app.command("train-victim")(train_victim_command)
 app.add_typer(server_cli.keys_app, name="keys")
 app.add_typer(attack_app, name="attack")
 app.add_typer(defenses_app, name="defenses")
