@@ -13,7 +13,9 @@ As in the encoder-stealing papers (RDA, Wu et al., ECCV 2024; StolenEncoder, Liu
   mean L2 distance, and L2 distance of the normalised embeddings.
 
 Every downstream set is adapted to the victim's input (channels, size) with
-:meth:`common.datasets.ImageData.adapt`.
+:meth:`common.datasets.ImageData.adapt`. :class:`EvalConfig` is also the ``encoder`` family's
+evaluation spec in a scenario (``evaluation: {encoder: {...}}``); :class:`EncoderEvaluation` is
+what :func:`evaluate_stealing` returns.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.checkpoints import InputSpec
-from common.datasets import ImageData, get_dataset, make_splits
+from common.datasets import DATASETS, ImageData, get_dataset, make_splits
 from common.metrics import embedding_fidelity, extract_features, knn_accuracy, linear_probe, mlp_probe
 from common.models import ImageModel
 
@@ -51,6 +53,45 @@ class EvalConfig(BaseModel):
     knn_temperature: float = Field(0.5, gt=0)
     split_seed: int = Field(0, description="seed of make_splits (the victim's recipe uses 0)")
     data_root: Path | None = None
+
+    @field_validator("downstream")
+    @classmethod
+    def _known_datasets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in DATASETS:
+                raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.names())}")
+        return value
+
+
+Scores = dict[str, dict[str, float]]
+"""``{downstream set: {metric: accuracy}}``."""
+
+
+class Fidelity(BaseModel):
+    """How close the surrogate's embeddings are to the victim's on held-out images
+    (:func:`common.metrics.embedding_fidelity`)."""
+
+    cosine: float
+    l2: float
+    l2_normalised: float
+
+
+class EncoderEvaluation(BaseModel):
+    """What :func:`evaluate_stealing` measured. ``victim``, ``ratio``, ``recovered`` and the
+    fidelities need the victim's checkpoint; ``untrained`` and ``recovered`` an untrained surrogate."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    surrogate: Scores
+    victim: Scores | None = None
+    untrained: Scores | None = None
+    ratio: Scores | None = Field(None, description="surrogate / victim")
+    recovered: dict[str, dict[str, float | None]] | None = Field(
+        None, description="share of the victim's gain over an untrained network recovered"
+    )
+    fidelity: Fidelity | None = None
+    untrained_fidelity: Fidelity | None = None
+    seconds: float
 
 
 def _cap(data: ImageData, n: int | None) -> ImageData:
@@ -127,14 +168,10 @@ def evaluate_stealing(
     victim: ImageModel | None = None,
     untrained: ImageModel | None = None,
     device: torch.device | None = None,
-) -> dict[str, Any]:
+) -> EncoderEvaluation:
     """Downstream scores of the surrogate (and of the victim and an untrained surrogate when given),
-    their ratios, and fidelity to the victim.
-
-    Returns ``{"surrogate": {set: {metric: acc}}, "victim", "untrained": same or None,
-    "ratio": surrogate / victim, "recovered": see :func:`recovered_fraction`, "fidelity" and
-    "untrained_fidelity": {"cosine", "l2", "l2_normalised"} or None, "seconds"}``.
-    """
+    their ratios (surrogate / victim), the share of the victim's gain recovered
+    (:func:`recovered_fraction`), and fidelity to the victim (:class:`EncoderEvaluation`)."""
     device = device or torch.device("cpu")
     started = time.perf_counter()
     models = {"surrogate": surrogate, "victim": victim, "untrained": untrained}
@@ -167,4 +204,4 @@ def evaluate_stealing(
             if untrained is not None:
                 result["untrained_fidelity"] = embedding_fidelity(features["untrained"](held_out), reference)
     result["seconds"] = time.perf_counter() - started
-    return result
+    return EncoderEvaluation.model_validate(result)

@@ -1,15 +1,20 @@
-"""What every stealing run shares (``steal_encoder``, ``steal_classifier``): the run folder's file
-names, the attacker's query pool, the victim's local white-box checkpoint, the versions recorded."""
+"""What every stealing run shares, whatever its family (``steal_encoder``, ``steal_classifier``,
+``steal_robustness``, or a family registered elsewhere): its inputs (:class:`StealingRunConfig`),
+the base of its typed result (:class:`RunResult`, written to ``result.json``), the run folder's
+file names, the attacker's query pool, the victim's local white-box checkpoint, the versions
+recorded."""
 
 from __future__ import annotations
 
-import os
+import abc
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from rich.console import RenderableType
 
 from attacker_client.client import VictimClient
 from common.checkpoints import InputSpec, read_card
@@ -18,17 +23,21 @@ from common.datasets import ImageData, get_dataset, make_splits
 RESULT_FILE = "result.json"
 CACHE_FILE = "query_cache.sqlite"
 SURROGATE_DIR = "surrogate"
+VICTIM_STORE_ENV = "STEALRANGE_VICTIM_STORE"
 
 
 class StealingRunConfig(BaseModel):
-    """What every run's config holds: the victim, the key, the attack's parameters, the query pool,
-    the budget, the run folder; each run's config adds its own (and its own defaults)."""
+    """What every run's config holds: the victim, the key, the attack and its parameters, the query
+    pool, the budget, the run folder, where to find the victim's white-box checkpoint. Each family's
+    config adds ``evaluation`` (its evaluation spec) and may change the defaults; the range builds
+    this base and hands it to :meth:`attacker_client.families.AttackFamily.run`."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: str
     key: SecretStr
     model: str
+    attack: str = Field(description="a registered attack of the run's family")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
     query_set: str = "fashion_mnist"
     query_split: str = "attacker"
@@ -39,6 +48,11 @@ class StealingRunConfig(BaseModel):
     progress: bool | None = None
     cache_namespace: str | None = Field(
         None, description="keys the query cache instead of the URL (the range: stable across ports)"
+    )
+    victim_checkpoint: Path | None = Field(None, description="the victim's checkpoint (white-box scores)")
+    victim_store: Path = Field(
+        Path("model_store"),
+        description="the attacker's copy of the victim's model store, searched when no checkpoint is given",
     )
 
 
@@ -56,12 +70,12 @@ def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -
     return data.adapt(spec.channels, (spec.height, spec.width))
 
 
-def find_victim_checkpoint(given: Path | None, model: str, version: str) -> Path | None:
-    """The victim's local checkpoint: ``given``, else ``$STEALRANGE_MODEL_STORE/<model>`` (or
-    ``./model_store/<model>``) when its weights' digest is the served version's."""
+def find_victim_checkpoint(given: Path | None, store: Path, model: str, version: str) -> Path | None:
+    """The victim's local checkpoint: ``given``, else ``<store>/<model>`` (the run's
+    ``victim_store``: ``--victim-store`` / ``$STEALRANGE_VICTIM_STORE``, default ``model_store``)
+    when its weights' digest is the served version's."""
     if given is not None:
         return given
-    store = Path(os.environ.get("STEALRANGE_MODEL_STORE") or "model_store")
     folder = store / model
     try:
         card = read_card(folder)
@@ -110,13 +124,151 @@ def victim_input(metadata: dict[str, Any], model: str, kind: str, needed_for: st
     return InputSpec(channels=channels, height=height, width=width)
 
 
-def queries_record(planned: int, before: dict[str, Any], after: dict[str, Any], sent: int) -> dict[str, Any]:
-    """Queries of a run: planned, spent (the server's usage after minus before), sent, cache hits."""
-    return {
-        "planned": planned,
-        "spent": after["used"] - before["used"],
-        "sent": sent,
-        "cache_hits": planned - sent,
-        "key_used": after["used"],
-        "key_remaining": after.get("remaining"),
-    }
+class QueriesRecord(BaseModel):
+    """Queries of a run: planned, spent (the server's usage after minus before: the authority),
+    sent, cache hits, and the key's usage after the run."""
+
+    planned: int
+    spent: int
+    sent: int
+    cache_hits: int
+    key_used: int
+    key_remaining: int | None
+
+
+def queries_record(planned: int, before: dict[str, Any], after: dict[str, Any], sent: int) -> QueriesRecord:
+    """The :class:`QueriesRecord` of a run from the key's usage (``GET /v1/usage``) before and after."""
+    return QueriesRecord(
+        planned=planned,
+        spent=after["used"] - before["used"],
+        sent=sent,
+        cache_hits=planned - sent,
+        key_used=after["used"],
+        key_remaining=after.get("remaining"),
+    )
+
+
+def version_of(metadata: dict[str, Any]) -> str:
+    """The served version (the weights' digest prefix) from the victim's metadata, or ``""``."""
+    return (metadata.get("versions") or [""])[0]
+
+
+class VictimInfo(BaseModel):
+    """The victim as the run saw it: its URL, served name and version, input shape, the metrics its
+    card reports, and the local checkpoint used for white-box reference scores (if any)."""
+
+    url: str
+    model: str
+    version: str
+    input: list[int]
+    reported_metrics: dict[str, Any]
+    checkpoint: str | None
+
+
+class QuerySetInfo(BaseModel):
+    """The attacker's query pool: dataset, split and size."""
+
+    name: str
+    split: str
+    pool_size: int
+
+
+class RunSeconds(BaseModel):
+    """Wall times of a run: querying, training (when the attack trains after querying), evaluating
+    (when timed apart), in all."""
+
+    query: float
+    train: float | None = None
+    evaluate: float | None = None
+    total: float
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A score as the report and the CLI print it (``-`` when unknown)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def budget_text(budget: int) -> str:
+    """A budget as the report prints it: ``4k`` for 4000, ``750`` for 750."""
+    return f"{budget // 1000}k" if budget >= 1000 and budget % 1000 == 0 else str(budget)
+
+
+class ReportRow(Protocol):
+    """A finished range cell as the report hands it to a family's section
+    (:class:`experiments.results.CellLine`)."""
+
+    attack: str
+    defense: str
+    budget: int
+    result: Any
+
+
+class RunResult(BaseModel):
+    """The typed result of one run, the base of every family's: what every run records, and what
+    the range's report reads from it (each family implements the abstract part).
+
+    ``family`` is the discriminator: each family's result narrows it to a ``Literal`` of its name,
+    so a ``results.jsonl`` line reads back as the right model (:mod:`experiments.results`).
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    family: str
+    attack: str
+    paper: str
+    params: dict[str, Any]
+    victim: VictimInfo
+    query_set: QuerySetInfo
+    budget: int
+    samples: int
+    queries: QueriesRecord
+    seconds: RunSeconds
+    device: str
+    versions: dict[str, str]
+
+    success_label: ClassVar[str]
+    """What :attr:`success` measures (a plot's axis label)."""
+    quality_label: ClassVar[str]
+    """What :attr:`quality` and :attr:`victim_quality` measure (a plot's axis label)."""
+    legend: ClassVar[str]
+    """What :meth:`cell_text` shows (a sentence of the report's introduction)."""
+
+    @property
+    @abc.abstractmethod
+    def success(self) -> float | None:
+        """How well the attack did: the family's headline metric (``success_label``)."""
+
+    @property
+    @abc.abstractmethod
+    def quality(self) -> float | None:
+        """The stolen model's own task score (``quality_label``)."""
+
+    @property
+    @abc.abstractmethod
+    def victim_quality(self) -> float | None:
+        """The victim's score on the same task, when known."""
+
+    @abc.abstractmethod
+    def cell_text(self, budget: str) -> str:
+        """The report's short text of this run in its table cell (``budget`` already formatted)."""
+
+    @abc.abstractmethod
+    def summary(self) -> list[RenderableType]:
+        """What ``stealrange attack`` prints when the run ends (tables and lines)."""
+
+    @classmethod
+    def report_notes(cls, rows: Sequence[ReportRow]) -> list[str]:
+        """Markdown lines the report adds under a victim's table, from the finished cells of this
+        family (``row.result`` is an instance of this class); none by default."""
+        return []
+
+    def queries_line(self) -> str:
+        """``queries spent (server): S of budget B (H cache hits)``."""
+        q = self.queries
+        return f"queries spent (server): {q.spent} of budget {self.budget} ({q.cache_hits} cache hits)"
+
+    def write(self, out: Path) -> Path:
+        """Write ``out/result.json`` from the model; returns its path."""
+        path = Path(out) / RESULT_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path

@@ -9,40 +9,56 @@
    predictions on held-out monitor images; save ``out/surrogate/`` (the single network) and
    ``out/members/<i>/`` (each member), all safetensors + card.
 4. Evaluate on held-out test images of the victim's dataset (:mod:`attacker_client.evaluate_classifier`)
-   against the victim's white-box checkpoint when one is given or found in the local model store.
-5. Write ``out/result.json`` (and ``out/diversity.png``).
+   against the victim's white-box checkpoint when one is given or found in the attacker's copy of
+   the model store (``victim_store``).
+5. Write ``out/result.json`` from the typed result (:class:`ClassifierRunResult`, which it returns)
+   and ``out/diversity.png``.
 
 Re-running the same command asks for the same images, which the cache answers for free.
+
+The ``classifier`` family (:mod:`attacker_client.families`): :class:`ClassifierStealingConfig`,
+:func:`steal_classifier`, :class:`~attacker_client.evaluate_classifier.ClassifierEvalSpec`,
+:class:`ClassifierRunResult`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
+from rich.console import RenderableType
+from rich.table import Table
 
-from attacker_client.attacks.classifier import (
-    ClassifierOracle,
-    OutputMode,
-    answers_to_targets,
-    build_classifier_attack,
+from attacker_client.attacks import ClassifierAttack, build_attack
+from attacker_client.attacks.classifier import AnswerMode, ClassifierOracle, answers_to_targets
+from attacker_client.evaluate_classifier import (
+    ClassifierEvalSpec,
+    ClassifierEvaluation,
+    ClassifierScores,
+    evaluate_classifier_stealing,
 )
-from attacker_client.evaluate_classifier import evaluate_classifier_stealing
 from attacker_client.runs import (
-    RESULT_FILE,
     SURROGATE_DIR,
+    QuerySetInfo,
+    ReportRow,
+    RunResult,
+    RunSeconds,
     StealingRunConfig,
+    VictimInfo,
+    budget_text,
     find_victim_checkpoint,
+    fmt,
     open_victim_client,
     package_versions,
     queries_record,
     query_pool,
+    version_of,
     victim_input,
 )
 from attacker_client.uq.base import Monitor, member_probabilities
@@ -60,14 +76,120 @@ class ClassifierStealingConfig(StealingRunConfig):
     """Everything one classifier-stealing run needs; the CLI and the range build it."""
 
     attack: str = "knockoff"
-    victim_checkpoint: Path | None = None
-    test_size: int = Field(2000, ge=10, description="held-out test images for the scores")
-    monitor_size: int = Field(500, ge=2, description="held-out images for variance over training")
+    evaluation: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
 
 
-def resolve_output(requested: str, allowed: list[str]) -> OutputMode:
+class ClassifierVictimInfo(VictimInfo):
+    """A classifier victim: also its number of classes."""
+
+    classes: int
+
+
+class ClassifierRunResult(RunResult):
+    """What a classifier-stealing run records (``result.json``) and what the report reads from it:
+    the stolen model is the members' combination (for one surrogate: the surrogate)."""
+
+    family: Literal["classifier"] = "classifier"
+    method: str | None
+    method_summary: dict[str, Any]
+    output: AnswerMode
+    victim: ClassifierVictimInfo
+    evaluation: ClassifierEvaluation
+    monitor: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    checkpoint: str
+    members: list[str]
+
+    success_label = "agreement with the victim"
+    quality_label = "test accuracy"
+    legend = (
+        "for a classifier victim, the surrogate's agreement with the victim (fidelity) and its test "
+        "accuracy on held-out images (for an ensemble: the members' mean probability, and its single "
+        "network's agreement)"
+    )
+
+    @property
+    def success(self) -> float | None:
+        return self.evaluation.combined.agreement
+
+    @property
+    def quality(self) -> float | None:
+        return self.evaluation.combined.accuracy
+
+    @property
+    def victim_quality(self) -> float | None:
+        victim = self.evaluation.victim
+        return None if victim is None else victim.accuracy
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.evaluation.members) > 1
+
+    def cell_text(self, budget: str) -> str:
+        text = f"{budget}: agr {fmt(self.success)}, acc {fmt(self.quality)}"
+        if self.is_ensemble:
+            text += f" (single {fmt(self.evaluation.single.agreement)})"
+        return text
+
+    @classmethod
+    def report_notes(cls, rows: Sequence[ReportRow]) -> list[str]:
+        """The victim's test accuracy, and the ensembles' table: single network vs combination and
+        the members' diversity (Pape et al.)."""
+        out: list[str] = []
+        victim = [v for v in (row.result.victim_quality for row in rows) if v]
+        if victim:
+            out += ["", f"The victim's test accuracy: {max(victim):.3f}."]
+        ensembles = [row for row in rows if row.result.is_ensemble]
+        if not ensembles:
+            return out
+        out += [
+            "",
+            "Ensembles: agreement of the single network and of the members' mean, and the members' "
+            "prediction variance and pairwise disagreement on held-out images.",
+            "",
+            "| attack | defense | budget | single | combined | gain | variance | disagreement |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in sorted(ensembles, key=lambda r: (r.attack, r.defense, r.budget)):
+            result: ClassifierRunResult = row.result
+            single, combined = result.evaluation.single.agreement, result.success
+            gain = None if single is None or combined is None else combined - single
+            diversity = result.evaluation.diversity
+            out.append(
+                f"| {row.attack} | {row.defense} | {budget_text(row.budget)} | {fmt(single)} | "
+                f"{fmt(combined)} | {fmt(gain)} | {fmt(diversity.variance, 5)} | "
+                f"{fmt(diversity.disagreement)} |"
+            )
+        return out
+
+    def summary(self) -> list[RenderableType]:
+        evaluation = self.evaluation
+        title = self.attack + (f" ({self.method})" if self.method else "")
+        table = Table("surrogate", "accuracy", "agreement", "KL(victim||s)", "L1", title=title)
+
+        def row(label: str, scores: ClassifierScores) -> None:
+            cells = (scores.accuracy, scores.agreement, scores.kl, scores.l1)
+            table.add_row(label, *(fmt(v, 4) for v in cells))
+
+        if evaluation.victim is not None:
+            row("victim", evaluation.victim)
+        row("single network", evaluation.single)
+        if self.is_ensemble:
+            for i, scores in enumerate(evaluation.members):
+                row(f"member {i}", scores)
+            row("combined (mean)", evaluation.combined)
+        diversity = evaluation.diversity
+        line = (
+            f"{self.queries_line()}, output {self.output}; members' variance "
+            f"{diversity.variance:.5f}, disagreement {diversity.disagreement:.4f}; "
+            f"{self.seconds.total:.0f} s on {self.device}"
+        )
+        return [table, line]
+
+
+def resolve_output(requested: str, allowed: list[str]) -> AnswerMode:
     """The output mode to ask for: ``requested`` if this key may, ``auto``: the richest it may."""
-    available: list[OutputMode] = []
+    available: list[AnswerMode] = []
     if "probabilities" in allowed:
         available.append("probabilities")
     if "top_k_probabilities" in allowed:
@@ -114,7 +236,7 @@ def plot_diversity(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
+def steal_classifier(config: ClassifierStealingConfig) -> ClassifierRunResult:
     """Run the classifier attack of ``config`` against the victim API; returns (and writes) the result."""
     if distributed.launched_by_torchrun():
         raise RuntimeError(
@@ -123,7 +245,7 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
         )
     started = time.perf_counter()
     device = resolve_device(config.device)
-    attack = build_classifier_attack(config.attack, config.params)
+    attack = build_attack(config.attack, config.params, ClassifierAttack)
     seed_everything(attack.params.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +255,7 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
         spec = victim_input(metadata, config.model, "classifier")
         channels, height, width = spec.shape
         classes = len(metadata["classes"])
-        version = (metadata.get("versions") or [""])[0]
+        version = version_of(metadata)
         mode = resolve_output(attack.params.output, metadata.get("allowed_outputs") or [])
         k = min(attack.params.top_k, classes)
 
@@ -143,14 +265,16 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
 
         pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
         victim: Classifier | None = None
-        victim_path = find_victim_checkpoint(config.victim_checkpoint, config.model, version)
+        victim_path = find_victim_checkpoint(
+            config.victim_checkpoint, config.victim_store, config.model, version
+        )
         if victim_path is not None:
             loaded, _ = load_checkpoint(victim_path, device)
             victim = loaded if isinstance(loaded, Classifier) else None
         dataset = metadata.get("dataset") or config.query_set
         test = get_dataset(dataset, "test", root=config.data_root).adapt(channels, (height, width))
-        test = test.subset(torch.arange(min(len(test), config.test_size)))
-        monitor_images = test.images[: config.monitor_size]
+        test = test.subset(torch.arange(min(len(test), config.evaluation.test_size)))
+        monitor_images = test.images[: config.evaluation.monitor_size]
         reference = (
             member_probabilities([victim], monitor_images, device)[0].argmax(dim=1)
             if victim is not None
@@ -178,53 +302,54 @@ def steal_classifier(config: ClassifierStealingConfig) -> dict[str, Any]:
     save_checkpoint(
         result.single,
         card_for(
-            result.single, name, attack.params.architecture, metrics=evaluation["single"], **card_kwargs
+            result.single,
+            name,
+            attack.params.architecture,
+            metrics=evaluation.single.metrics(),
+            **card_kwargs,
         ),
         out / SURROGATE_DIR,
     )
     shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
-    for i, (member, scores) in enumerate(zip(result.members, evaluation["members"], strict=True)):
+    for i, (member, scores) in enumerate(zip(result.members, evaluation.members, strict=True)):
         card = card_for(
-            member, f"{name[:56]}-m{i}", attack.params.architecture, metrics=scores, **card_kwargs
+            member, f"{name[:56]}-m{i}", attack.params.architecture, metrics=scores.metrics(), **card_kwargs
         )
         save_checkpoint(member, card, out / MEMBERS_DIR / str(i))
     plot_diversity(
         result.monitor, out / DIVERSITY_PLOT, f"{attack.name} ({result.extra.get('method', 'single')})"
     )
 
-    record: dict[str, Any] = {
-        "kind": "classifier",
-        "attack": attack.name,
-        "paper": attack.paper,
-        "params": attack.params.model_dump(mode="json"),
-        "method": result.extra.get("method"),
-        "method_summary": result.extra.get("method_summary", {}),
-        "output": mode,
-        "victim": {
-            "url": config.url,
-            "model": config.model,
-            "version": version,
-            "input": list(spec.shape),
-            "classes": classes,
-            "reported_metrics": metadata.get("metrics", {}),
-            "checkpoint": str(victim_path) if victim_path else None,
-        },
-        "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
-        "budget": config.budget,
-        "samples": result.samples,
-        "queries": queries_record(result.queries, before, after, sent),
-        "evaluation": evaluation,
-        "monitor": result.monitor,
-        "history": result.history,
-        "seconds": {
-            "query": result.query_seconds,
-            "train": result.train_seconds,
-            "total": time.perf_counter() - started,
-        },
-        "device": str(device),
-        "checkpoint": str(out / SURROGATE_DIR),
-        "members": [str(out / MEMBERS_DIR / str(i)) for i in range(len(result.members))],
-        "versions": package_versions(),
-    }
-    (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = ClassifierRunResult(
+        attack=attack.name,
+        paper=attack.paper,
+        params=attack.params.model_dump(mode="json"),
+        method=result.extra.get("method"),
+        method_summary=result.extra.get("method_summary", {}),
+        output=mode,
+        victim=ClassifierVictimInfo(
+            url=config.url,
+            model=config.model,
+            version=version,
+            input=list(spec.shape),
+            classes=classes,
+            reported_metrics=metadata.get("metrics", {}),
+            checkpoint=str(victim_path) if victim_path else None,
+        ),
+        query_set=QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=len(pool)),
+        budget=config.budget,
+        samples=result.samples,
+        queries=queries_record(result.queries, before, after, sent),
+        evaluation=evaluation,
+        monitor=result.monitor,
+        history=result.history,
+        seconds=RunSeconds(
+            query=result.query_seconds, train=result.train_seconds, total=time.perf_counter() - started
+        ),
+        device=str(device),
+        checkpoint=str(out / SURROGATE_DIR),
+        members=[str(out / MEMBERS_DIR / str(i)) for i in range(len(result.members))],
+        versions=package_versions(),
+    )
+    record.write(out)
     return record

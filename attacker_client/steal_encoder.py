@@ -8,7 +8,7 @@
    (:mod:`attacker_client.evaluate`), next to the victim's white-box checkpoint when one is given
    (or found in the local model store with the served version's digest) and next to an untrained
    surrogate of the same architecture.
-4. Write ``out/result.json``.
+4. Write ``out/result.json`` from the typed result (:class:`EncoderRunResult`), which it returns.
 
 Re-running the same command asks the same images (seeded views made on the CPU), which the cache
 answers: it spends zero new queries.
@@ -17,32 +17,43 @@ Under ``torchrun`` (``torchrun --nproc_per_node N --no-python stealrange attack 
 the attack with the same seed, but only rank 0 holds a client: the metadata, the usage and every
 oracle answer are fetched by rank 0 and broadcast (:func:`common.distributed.broadcast_call`), so the
 budget is spent once; the surrogate trains data-parallel (DDP), and rank 0 alone evaluates it and
-writes the result.
+writes the result (the other ranks return ``None``).
+
+The ``encoder`` family (:mod:`attacker_client.families`): :class:`EncoderStealingConfig`,
+:func:`steal_encoder`, :class:`attacker_client.evaluate.EvalConfig`, :class:`EncoderRunResult`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
+from rich.console import RenderableType
+from rich.table import Table
 
-from attacker_client.attacks import build_attack
+from attacker_client.attacks import EncoderAttack, build_attack
 from attacker_client.client import VictimClient
-from attacker_client.evaluate import EvalConfig, evaluate_stealing
+from attacker_client.evaluate import EncoderEvaluation, EvalConfig, evaluate_stealing
 from attacker_client.runs import (
-    RESULT_FILE,
     SURROGATE_DIR,
+    QuerySetInfo,
+    ReportRow,
+    RunResult,
+    RunSeconds,
     StealingRunConfig,
+    VictimInfo,
     find_victim_checkpoint,
+    fmt,
     open_victim_client,
     package_versions,
     queries_record,
     query_pool,
+    version_of,
     victim_input,
 )
 from common import distributed
@@ -57,19 +68,102 @@ class EncoderStealingConfig(StealingRunConfig):
     attack: str = "rda"
     query_set: str = "mnist5k"
     query_split: str = "train"
-    victim_checkpoint: Path | None = None
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     untrained_reference: bool = Field(True, description="also score an untrained surrogate")
 
 
-def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
+class EncoderVictimInfo(VictimInfo):
+    """An encoder victim: also its embedding width."""
+
+    embedding_dim: int | None
+
+
+def _first(scores: dict[str, dict[str, float]] | None, metric: str) -> float | None:
+    """``metric`` on the first downstream set (the victim's own task comes first by default)."""
+    if not scores:
+        return None
+    return next(iter(scores.values())).get(metric)
+
+
+class EncoderRunResult(RunResult):
+    """What an encoder-stealing run records (``result.json``) and what the report reads from it."""
+
+    family: Literal["encoder"] = "encoder"
+    victim: EncoderVictimInfo
+    evaluation: EncoderEvaluation
+    history: list[dict[str, Any]]
+    extra: dict[str, Any]
+    world_size: int
+    checkpoint: str
+
+    success_label = "cosine fidelity to the victim"
+    quality_label = "linear probe accuracy"
+    legend = (
+        "for an encoder victim, the surrogate's linear-probe accuracy / the victim's on the first "
+        "downstream set and the surrogate's cosine fidelity to the victim's embeddings on held-out images"
+    )
+
+    @property
+    def success(self) -> float | None:
+        fidelity = self.evaluation.fidelity
+        return None if fidelity is None else fidelity.cosine
+
+    @property
+    def quality(self) -> float | None:
+        return _first(self.evaluation.surrogate, "linear_probe")
+
+    @property
+    def victim_quality(self) -> float | None:
+        return _first(self.evaluation.victim, "linear_probe")
+
+    def cell_text(self, budget: str) -> str:
+        return f"{budget}: {fmt(self.quality)} / {fmt(self.victim_quality)}, cos {fmt(self.success)}"
+
+    @classmethod
+    def report_notes(cls, rows: Sequence[ReportRow]) -> list[str]:
+        """The cosine an untrained surrogate scores: the floor of the fidelity column."""
+        untrained = [
+            row.result.evaluation.untrained_fidelity.cosine
+            for row in rows
+            if row.result.evaluation.untrained_fidelity is not None
+        ]
+        if not untrained:
+            return []
+        return ["", f"An untrained surrogate scores cos {min(untrained):.3f}-{max(untrained):.3f}."]
+
+    def summary(self) -> list[RenderableType]:
+        evaluation = self.evaluation
+        table = Table(
+            "set", "metric", "surrogate", "victim", "untrained", "surrogate/victim", title=self.attack
+        )
+        for dataset, scores in evaluation.surrogate.items():
+            for metric, value in scores.items():
+                victim = (evaluation.victim or {}).get(dataset, {}).get(metric)
+                untrained = (evaluation.untrained or {}).get(dataset, {}).get(metric)
+                table.add_row(
+                    dataset,
+                    metric,
+                    f"{value:.4f}",
+                    fmt(victim, 4),
+                    fmt(untrained, 4),
+                    "-" if not victim else f"{value / victim:.3f}",
+                )
+        cosine = float("nan") if self.success is None else self.success
+        line = (
+            f"{self.queries_line()}; cosine fidelity: {cosine:.4f}; "
+            f"{self.seconds.total:.0f} s on {self.device}"
+        )
+        return [table, line]
+
+
+def steal_encoder(config: EncoderStealingConfig) -> EncoderRunResult | None:
     """Run the attack of ``config`` against the victim API; returns (and writes) the result.
 
-    Under ``torchrun`` the other ranks return ``{"rank": r, "world_size": n}`` once training ends.
+    Under ``torchrun`` the other ranks return ``None`` once training ends.
     """
     started = time.perf_counter()
     context, device = distributed.init_from_env(config.device)
-    attack = build_attack(config.attack, config.params)
+    attack = build_attack(config.attack, config.params, EncoderAttack)
     seed_everything(attack.params.seed)
     out = Path(config.out)
 
@@ -88,7 +182,7 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
 
         metadata = on_main(lambda c: c.model_metadata(config.model))
         spec = victim_input(metadata, config.model, "encoder")
-        version = (metadata.get("versions") or [""])[0]
+        version = version_of(metadata)
         pool = query_pool(config.query_set, config.query_split, spec, config.data_root)
         before = on_main(lambda c: c.usage())
         result = attack.steal(oracle, pool, config.budget, device, config.progress)
@@ -96,11 +190,11 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
         sent = on_main(lambda c: c.images_sent)
 
     if not context.is_main:
-        return {"rank": context.rank, "world_size": context.world_size}
+        return None
 
     surrogate = result.surrogate
     victim: ImageModel | None = None
-    victim_path = find_victim_checkpoint(config.victim_checkpoint, config.model, version)
+    victim_path = find_victim_checkpoint(config.victim_checkpoint, config.victim_store, config.model, version)
     if victim_path is not None:
         victim, _ = load_checkpoint(victim_path, device)
     untrained = attack.build_surrogate(pool, surrogate.feature_dim) if config.untrained_reference else None
@@ -116,43 +210,43 @@ def steal_encoder(config: EncoderStealingConfig) -> dict[str, Any]:
         description=f"surrogate of {config.model} stolen by {attack.name} (budget {config.budget})",
         metrics={
             f"{dataset}.{metric}": value
-            for dataset, scores in evaluation["surrogate"].items()
+            for dataset, scores in evaluation.surrogate.items()
             for metric, value in scores.items()
         },
         training={"attack": attack.name, "params": attack.params.model_dump(mode="json")},
     )
     save_checkpoint(surrogate, card, out / SURROGATE_DIR)
 
-    record: dict[str, Any] = {
-        "attack": attack.name,
-        "paper": attack.paper,
-        "params": attack.params.model_dump(mode="json"),
-        "victim": {
-            "url": config.url,
-            "model": config.model,
-            "version": version,
-            "input": list(spec.shape),
-            "embedding_dim": metadata.get("embedding_dim"),
-            "reported_metrics": metadata.get("metrics", {}),
-            "checkpoint": str(victim_path) if victim_path else None,
-        },
-        "query_set": {"name": config.query_set, "split": config.query_split, "pool_size": len(pool)},
-        "budget": config.budget,
-        "samples": result.samples,
-        "queries": queries_record(result.queries, before, after, sent),
-        "evaluation": evaluation,
-        "history": result.history,
-        "extra": result.extra,
-        "seconds": {
-            "query": result.query_seconds,
-            "train": result.train_seconds,
-            "evaluate": evaluation["seconds"],
-            "total": time.perf_counter() - started,
-        },
-        "device": str(device),
-        "world_size": context.world_size,
-        "checkpoint": str(out / SURROGATE_DIR),
-        "versions": package_versions(),
-    }
-    (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = EncoderRunResult(
+        attack=attack.name,
+        paper=attack.paper,
+        params=attack.params.model_dump(mode="json"),
+        victim=EncoderVictimInfo(
+            url=config.url,
+            model=config.model,
+            version=version,
+            input=list(spec.shape),
+            embedding_dim=metadata.get("embedding_dim"),
+            reported_metrics=metadata.get("metrics", {}),
+            checkpoint=str(victim_path) if victim_path else None,
+        ),
+        query_set=QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=len(pool)),
+        budget=config.budget,
+        samples=result.samples,
+        queries=queries_record(result.queries, before, after, sent),
+        evaluation=evaluation,
+        history=result.history,
+        extra=result.extra,
+        seconds=RunSeconds(
+            query=result.query_seconds,
+            train=result.train_seconds,
+            evaluate=evaluation.seconds,
+            total=time.perf_counter() - started,
+        ),
+        device=str(device),
+        world_size=context.world_size,
+        checkpoint=str(out / SURROGATE_DIR),
+        versions=package_versions(),
+    )
+    record.write(out)
     return record

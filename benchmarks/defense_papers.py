@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacker_client.attacks.classifier import ClassifierOracle, build_classifier_attack
+from attacker_client.attacks import ClassifierAttack, build_attack
+from attacker_client.attacks.classifier import ClassifierOracle
 from attacker_client.attacks.rrm import RobustRepresentationMatching
 from common.adversarial import robust_accuracy
 from common.checkpoints import load_checkpoint
@@ -74,7 +75,7 @@ def part_ast(store: Path, queries: int, steps: int) -> dict[str, Any]:
         recipe = recipe_for("classifier", "quick", defense)
         card = train_victim(recipe, store)
         teacher, _ = load_checkpoint(store / card.name)
-        attack = build_classifier_attack(
+        attack = build_attack(
             "knockoff",
             {
                 "temperature": 4.0,
@@ -84,6 +85,7 @@ def part_ast(store: Path, queries: int, steps: int) -> dict[str, Any]:
                 "momentum": 0.9,
                 "lr_step": None,
             },
+            ClassifierAttack,
         )
         started = time.perf_counter()
         result = attack.steal(

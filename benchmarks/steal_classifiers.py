@@ -32,8 +32,9 @@ from typing import Any
 
 import httpx
 
+from attacker_client.evaluate_classifier import ClassifierEvalSpec
 from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
-from attacker_client.uq import list_uq_methods
+from attacker_client.uq import UQ_METHODS
 from experiments.victim_process import victim_process
 from victims.recipes import recipe_for, train_victim
 
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per network")
     parser.add_argument("--members", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=list_uq_methods())
+    parser.add_argument("--methods", nargs="+", default=UQ_METHODS.names())
     parser.add_argument("--store", type=Path, default=Path("model_store"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-steal-classifiers"))
     parser.add_argument("--device", default="auto")
@@ -100,33 +101,32 @@ def main() -> None:
                     out=args.out / f"{label}-{budget}",
                     device=args.device,
                     victim_checkpoint=args.store / MODEL,
-                    test_size=2000,
-                    monitor_size=500,
+                    evaluation=ClassifierEvalSpec(test_size=2000, monitor_size=500),
                     progress=False,
                 )
                 t0 = time.perf_counter()
                 record = steal_classifier(config)
-                evaluation = record["evaluation"]
+                evaluation = record.evaluation
                 row = {
                     "method": label,
                     "budget": budget,
-                    "spent": record["queries"]["spent"],
-                    "single_agreement": evaluation["single"]["agreement"],
-                    "combined_agreement": evaluation["combined"]["agreement"],
-                    "combined_accuracy": evaluation["combined"]["accuracy"],
-                    "combined_kl": evaluation["combined"]["kl"],
-                    "member_agreement": [m["agreement"] for m in evaluation["members"]],
-                    "variance": evaluation["diversity"]["variance"],
-                    "disagreement": evaluation["diversity"]["disagreement"],
+                    "spent": record.queries.spent,
+                    "single_agreement": evaluation.single.agreement,
+                    "combined_agreement": evaluation.combined.agreement,
+                    "combined_accuracy": evaluation.combined.accuracy,
+                    "combined_kl": evaluation.combined.kl,
+                    "member_agreement": [m.agreement for m in evaluation.members],
+                    "variance": evaluation.diversity.variance,
+                    "disagreement": evaluation.diversity.disagreement,
                     "monitor": [
                         {
                             "iteration": r["iteration"],
                             "variance": r["variance"],
                             "agreement": r.get("combined_agreement"),
                         }
-                        for r in record["monitor"]
+                        for r in record.monitor
                     ],
-                    "victim_accuracy": (evaluation.get("victim") or {}).get("accuracy"),
+                    "victim_accuracy": record.victim_quality,
                     "seconds": time.perf_counter() - t0,
                 }
                 rows.append(row)

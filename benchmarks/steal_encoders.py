@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from attacker_client.evaluate import EvalConfig
-from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from attacker_client.steal_encoder import EncoderRunResult, EncoderStealingConfig, steal_encoder
 from experiments.victim_process import victim_process
 from victims.recipes import recipe_for, train_victim
 
@@ -50,24 +50,27 @@ def make_key(url: str, budget: int) -> str:
     return response.json()["api_key"]
 
 
-def row_of(attack: str, budget: int, record: dict[str, Any]) -> dict[str, Any]:
-    evaluation = record["evaluation"]
-    ratio = evaluation["ratio"]["fashion_mnist"]
-    recovered = (evaluation.get("recovered") or {}).get("fashion_mnist", {})
+def row_of(attack: str, budget: int, record: EncoderRunResult | None) -> dict[str, Any]:
+    assert record is not None  # one process: rank 0
+    evaluation = record.evaluation
+    assert evaluation.ratio and evaluation.victim and evaluation.untrained  # the victim's checkpoint is given
+    assert evaluation.fidelity and evaluation.untrained_fidelity
+    ratio = evaluation.ratio["fashion_mnist"]
+    recovered = (evaluation.recovered or {}).get("fashion_mnist", {})
     return {
         "attack": attack,
         "budget": budget,
-        "samples": record["samples"],
-        "spent": record["queries"]["spent"],
-        "cosine": evaluation["fidelity"]["cosine"],
-        "untrained_cosine": evaluation["untrained_fidelity"]["cosine"],
-        "linear_probe": evaluation["surrogate"]["fashion_mnist"]["linear_probe"],
+        "samples": record.samples,
+        "spent": record.queries.spent,
+        "cosine": evaluation.fidelity.cosine,
+        "untrained_cosine": evaluation.untrained_fidelity.cosine,
+        "linear_probe": evaluation.surrogate["fashion_mnist"]["linear_probe"],
         "linear_probe_ratio": ratio["linear_probe"],
         "knn_ratio": ratio["knn"],
         "linear_probe_recovered": recovered.get("linear_probe"),
-        "victim_linear_probe": evaluation["victim"]["fashion_mnist"]["linear_probe"],
-        "untrained_linear_probe": evaluation["untrained"]["fashion_mnist"]["linear_probe"],
-        "train_seconds": record["seconds"]["train"],
+        "victim_linear_probe": evaluation.victim["fashion_mnist"]["linear_probe"],
+        "untrained_linear_probe": evaluation.untrained["fashion_mnist"]["linear_probe"],
+        "train_seconds": record.seconds.train,
     }
 
 

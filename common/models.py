@@ -1,4 +1,4 @@
-"""Architectures: a decorator registry of backbones, and the two heads the range serves.
+"""Architectures: a decorator registry of backbones (:data:`BACKBONES`), and the two heads the range serves.
 
 A backbone maps float images in [0, 1] to a feature vector. Normalisation lives inside the model
 (:class:`Normalize`), so a served model, a surrogate and a probe all take the same [0, 1] input and
@@ -21,27 +21,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.registry import Registry
+
 BackboneFactory = Callable[..., "Backbone"]
-_BACKBONES: dict[str, BackboneFactory] = {}
+# Backbone factories ``(in_channels=..., **kwargs) -> Backbone`` by name: ``@BACKBONES.register(name=...)``.
+BACKBONES = Registry[BackboneFactory]("backbone")
 
 ModelKind = Literal["classifier", "encoder"]
-
-
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Register a backbone factory under ``name`` (timm-style decorator registry)."""
-
-    def decorator(factory: BackboneFactory) -> BackboneFactory:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = factory
-        return factory
-
-    return decorator
-
-
-def list_backbones() -> list[str]:
-    """Names of every registered backbone."""
-    return sorted(_BACKBONES)
 
 
 class Normalize(nn.Module):
@@ -66,7 +52,7 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@register_backbone("small_cnn")
+@BACKBONES.register(name="small_cnn")
 class SmallCNN(Backbone):
     """A VGG-style CNN of about 1M parameters for 28x28 / 32x32 inputs.
 
@@ -115,7 +101,7 @@ class _BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-@register_backbone("resnet18")
+@BACKBONES.register(name="resnet18")
 class ResNet18(Backbone):
     """CIFAR-style ResNet-18 (He et al. 2016): 3x3 stem with stride 1, no max-pool, 512-d features."""
 
@@ -138,7 +124,7 @@ class ResNet18(Backbone):
         return self.proj(self.pool(self.layers(self.stem(x))))
 
 
-@register_backbone("small_resnet")
+@BACKBONES.register(name="small_resnet")
 class SmallResNet(Backbone):
     """A small residual network (about 0.2M parameters) for 28x28 / 32x32 inputs: a 3x3 stem of 16
     channels and three stages of two basic blocks (16, 32, 64 channels; stride 2 from the second),
@@ -167,10 +153,8 @@ class SmallResNet(Backbone):
 
 
 def build_backbone(name: str, in_channels: int, **kwargs: object) -> Backbone:
-    """Instantiate a registered backbone; unknown names list the known ones."""
-    if name not in _BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
-    return _BACKBONES[name](in_channels=in_channels, **kwargs)
+    """Instantiate a registered backbone; unknown names are a ``ValueError`` listing the known ones."""
+    return BACKBONES.get(name)(in_channels=in_channels, **kwargs)
 
 
 class ImageModel(nn.Module):

@@ -1,4 +1,5 @@
-"""The contract of an output defense, its request context, pipelines, and the registry by name.
+"""The contract of an output defense, its request context, pipelines, and the registry by name
+(:data:`DEFENSES`).
 
 As ART's postprocessors: a defense is a small, batch-wise transform of a model's outputs, with its
 parameters in a pydantic model checked when it is built (so a bad configuration stops the server's
@@ -20,7 +21,7 @@ Two optional hooks serve the defenses that need more than the outputs:
   :meth:`OutputDefense.observe` runs in the event loop before :meth:`OutputDefense.apply`, updates
   the state through a :class:`defenses.state.DefenseStore` and leaves what ``apply`` needs in
   ``context.state[defense.name]``. State lives in Redis, never in a worker, so it holds across
-  workers and replicas.
+  workers and replicas; :meth:`OutputDefense.key_state` shows a key's state (the admin API).
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+
+from common.models import ModelKind
+from common.registry import Configurable, Params, Registry
 
 if TYPE_CHECKING:
     from common.checkpoints import ModelCard
     from common.models import ImageModel
     from defenses.state import DefenseStore
-
-ModelKind = Literal["classifier", "encoder"]
 
 
 def image_digests(images: np.ndarray) -> list[bytes]:
@@ -93,63 +94,36 @@ class DefenseContext:
         return torch.stack([draw(self.generator(i, salt)) for i in range(len(self.digests))])
 
 
-class DefenseParams(BaseModel):
+class DefenseParams(Params):
     """Base of every defense's parameters: frozen, unknown names rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class OutputDefense(abc.ABC):
+class OutputDefense(Configurable, abc.ABC):
     """Base class: declared parameters validated at construction and a batch-wise :meth:`apply`."""
 
-    name: ClassVar[str]
-    paper: ClassVar[str]
     kinds: ClassVar[frozenset[ModelKind]]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     stateful: ClassVar[bool] = False  # keeps per-key state in Redis (see observe)
     needs_model: ClassVar[bool] = False  # must be bound to the served model before use
 
-    def __init__(self, params: DefenseParams | dict[str, Any] | None = None, **overrides: Any) -> None:
-        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
-        self.params = self.Params.model_validate({**base, **overrides})
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
-        return f"{self.name}({fields})"
-
-    def bind(self, model: ImageModel, card: ModelCard, folder: Path | None) -> None:  # noqa: B027
+    def bind(self, model: ImageModel, card: ModelCard, folder: Path | None) -> None:
         """Called once when the server (or ``defenses cost``) loads the model; a no-op by default."""
 
-    async def observe(self, outputs: torch.Tensor, context: DefenseContext, store: DefenseStore) -> None:  # noqa: B027
+    async def observe(self, outputs: torch.Tensor, context: DefenseContext, store: DefenseStore) -> None:
         """Stateful defenses: update per-key state from the undefended ``outputs`` (a no-op by default)."""
+
+    async def key_state(self, store: DefenseStore, key_id: str, model: str) -> dict[str, Any] | None:
+        """Stateful defenses: what the admin API shows of ``key_id``'s state on ``model``; None (the
+        default) when the defense keeps none."""
+        return None
 
     @abc.abstractmethod
     def apply(self, outputs: torch.Tensor, context: DefenseContext) -> torch.Tensor:
         """Defended outputs of the same shape: probabilities for classifiers, embeddings for encoders."""
 
 
-_DEFENSES: dict[str, type[OutputDefense]] = {}
-
-
-def register_defense(cls: type[OutputDefense]) -> type[OutputDefense]:
-    """Class decorator: register a defense under its ``name`` (timm-style registry)."""
-    if cls.name in _DEFENSES:
-        raise ValueError(f"defense {cls.name!r} is already registered")
-    _DEFENSES[cls.name] = cls
-    return cls
-
-
-def list_defenses() -> list[str]:
-    """Names of every registered defense."""
-    return sorted(_DEFENSES)
-
-
-def defense_class(name: str) -> type[OutputDefense]:
-    """The defense class registered as ``name`` (``-`` and ``_`` alike)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(list_defenses())}")
-    return _DEFENSES[key]
+# Every output defense by name: ``@DEFENSES.register`` (timm-style registry).
+DEFENSES = Registry[type[OutputDefense]]("defense")
 
 
 def build_defense(spec: dict[str, Any]) -> OutputDefense:
@@ -157,7 +131,7 @@ def build_defense(spec: dict[str, Any]) -> OutputDefense:
     if "name" not in spec:
         raise ValueError(f"a defense spec needs a 'name': {spec}")
     params = {k: v for k, v in spec.items() if k != "name"}
-    return defense_class(str(spec["name"]))(params)
+    return DEFENSES.build(str(spec["name"]), params)
 
 
 class DefensePipeline:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import defenses.output  # noqa: F401  (registers the output defenses)
-from defenses.base import defense_class, list_defenses
+from defenses.base import DEFENSES
 from defenses.cost import defense_cost, parse_defense
 from defenses.output.adaptive_misinformation import MISINFORMATION_FOLDER, train_misinformation_model
 
@@ -29,8 +29,7 @@ _console = Console()
 def list_command() -> None:
     """Every defense with its model kinds, parameters (defaults) and paper."""
     table = Table("defense", "for", "parameters (defaults)", "paper")
-    for name in list_defenses():
-        cls = defense_class(name)
+    for name, cls in DEFENSES.items():
         params = ", ".join(
             f"{field}={json.dumps(info.get_default(call_default_factory=True))}"
             for field, info in cls.Params.model_fields.items()

@@ -7,7 +7,8 @@
 ``default`` is the pipeline for every key; ``tiers`` overrides it for keys of a tier (an empty list
 serves that tier undefended); ``profiles`` names pipelines an admin assigns to single keys (a key's
 ``defense_profile``, e.g. a stronger pipeline for a key under suspicion): a key's profile wins over
-its tier where the model defines it. ``detector`` (optional) watches every key's query stream (PRADA).
+its tier where the model defines it. ``detector`` (optional, a :class:`defenses.detectors.Detector`
+by registered name, e.g. PRADA) watches every key's query stream.
 The file lives apart from the card so an operator can change a model's defenses without touching
 the trained artefact. A missing file means undefended. Every spec is
 built when the server starts, so a typo stops the start-up with a message naming the file.
@@ -21,8 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from defenses.base import DefensePipeline, ModelKind
-from defenses.detectors import PRADA, build_detector
+from common.models import ModelKind
+from defenses.base import DefensePipeline
+from defenses.detectors import Detector, build_detector
 
 DEFENSES_FILE = "defenses.json"
 DEFAULT_TIER = "*"
@@ -49,7 +51,7 @@ class DefenseConfig(BaseModel):
         """``{profile: pipeline}`` of the named per-key profiles, every spec built and checked."""
         return {name: DefensePipeline.from_specs(specs, kind) for name, specs in self.profiles.items()}
 
-    def build_detector(self, kind: ModelKind) -> PRADA | None:
+    def build_detector(self, kind: ModelKind) -> Detector | None:
         """The configured detector, checked (its ``defend_with`` pipeline built), or None."""
         if self.detector is None:
             return None

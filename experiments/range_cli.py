@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from experiments.report import build_report
+from experiments.results import ResultsFormatError
 from experiments.runner import console, run_scenario
 from experiments.scenario import ScenarioError, load_scenario
 
@@ -32,7 +33,9 @@ def run_command(
     runs: Annotated[Path, typer.Option(help="results go to RUNS/<scenario name>/")] = Path("runs"),
     redis_url: Annotated[
         str | None,
-        typer.Option(envvar="STEALRANGE_REDIS_URL", help="a real Redis for the victim API (default: embedded)"),
+        typer.Option(
+            envvar="STEALRANGE_REDIS_URL", help="a real Redis for the victim API (default: embedded)"
+        ),
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="forget finished cells and run them all again")
@@ -48,7 +51,7 @@ def run_command(
         raise typer.Exit(2) from None
     try:
         run_dir = run_scenario(spec, runs=runs, redis_url=redis_url, resume=not fresh, data_root=data_root)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing victim, an old results.jsonl, ...
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -61,6 +64,6 @@ def report_command(run_dir: Annotated[Path, typer.Argument(help="a run folder, e
     """Rebuild a run's report.md and plots from its results.jsonl."""
     try:
         path = build_report(run_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ResultsFormatError) as exc:
         raise typer.BadParameter(str(exc)) from None
     console.print(f"report: {path}")

@@ -8,10 +8,10 @@
 3. measures each defense's cost to honest users once (``costs.json``, reused on a rerun);
 4. starts the victim API as its own process group on a free loopback port (embedded Redis, or
    ``redis_url``) and stops it on every exit path, Ctrl-C included;
-5. per cell: creates an API key with the cell's budget and rate (admin API), runs the attack with
-   the attacker client (:func:`attacker_client.steal_encoder.steal_encoder` for encoders,
-   :func:`attacker_client.steal_classifier.steal_classifier` for classifiers: queries over HTTP,
-   trains, evaluates), reads the key's audit stream, and appends one line to ``results.jsonl``;
+5. per cell: creates an API key with the cell's budget and rate (admin API), runs the attack
+   through its family (:meth:`attacker_client.families.AttackFamily.run`: the attacker client
+   queries over HTTP, trains, evaluates, returns the family's typed result), reads the key's audit
+   stream, and appends one typed line to ``results.jsonl`` (:class:`experiments.results.CellLine`);
    a failing cell is recorded with its error and the run goes on;
 6. writes the report (:mod:`experiments.report`).
 
@@ -36,16 +36,15 @@ import yaml
 from rich.console import Console
 
 from attacker_client.errors import VictimAPIError
-from attacker_client.steal_classifier import ClassifierStealingConfig, steal_classifier
-from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
-from attacker_client.steal_robustness import RobustnessStealingConfig, steal_robustness
+from attacker_client.runs import RunResult, StealingRunConfig
 from common.checkpoints import CARD_FILE, read_card
 from common.training import TrainConfig
 from defenses.config import DefenseConfig, load_defense_config, write_defense_config
 from defenses.cost import defense_cost
 from defenses.data import ProtectionRecipe, evaluate_protection, protect_dataset
 from defenses.data.sep import SEPConfig
-from experiments.report import RESULTS_FILE, build_report, read_results
+from experiments.report import build_report
+from experiments.results import RESULTS_FILE, AuditSummary, CellLine, KeyUsage, append_result, read_results
 from experiments.scenario import Cell, Scenario
 from experiments.victim_process import victim_process
 from victims.recipes import recipe_for, robust_recipe, train_victim
@@ -116,11 +115,11 @@ def measure_costs(scenario: Scenario, store: Path, path: Path, data_root: Path |
     return costs
 
 
-def audit_summary(events: list[dict[str, str]]) -> dict[str, Any]:
+def audit_summary(events: list[dict[str, str]]) -> AuditSummary:
     """Charges and refunds of a key over time: totals and a cumulative series (at most 100 points)."""
     charges = [e for e in events if e.get("event") in ("charge", "refund")]
     if not charges:
-        return {"events": 0, "images": 0, "seconds": 0.0, "series": []}
+        return AuditSummary(events=0, images=0, seconds=0.0, series=[])
     t0 = int(charges[0]["t_us"])
     series, total = [], 0
     for event in charges:
@@ -128,61 +127,7 @@ def audit_summary(events: list[dict[str, str]]) -> dict[str, Any]:
         series.append([(int(event["t_us"]) - t0) / 1e6, total])
     step = max(1, len(series) // AUDIT_POINTS)
     points = series[::step] if series[-1] in series[::step] else [*series[::step], series[-1]]
-    return {"events": len(charges), "images": total, "seconds": series[-1][0], "series": points}
-
-
-def cell_line(cell: Cell, scenario: Scenario, record: dict[str, Any]) -> dict[str, Any]:
-    """The results.jsonl line of a finished cell (encoder or classifier stealing)."""
-    evaluation = record["evaluation"]
-    line: dict[str, Any] = {
-        "cell": cell.id,
-        "status": "ok",
-        "kind": cell.victim.kind,
-        "scenario": scenario.name,
-        "victim": cell.victim.model,
-        "defense": cell.defense.name,
-        "pipeline": cell.defense.pipeline,
-        "detector": cell.defense.detector,
-        "attack": cell.attack.label,
-        "attack_name": record["attack"],
-        "params": record["params"],
-        "budget": cell.budget,
-        "seed": cell.seed,
-        "queries": record["queries"],
-        "seconds": record["seconds"],
-        "device": record["device"],
-        "versions": record["versions"],
-    }
-    if record.get("kind") == "robustness":
-        students = evaluation["students"]
-        return line | {
-            "kind": "robustness",
-            "surrogate": students["rrm"],
-            "references": {name: scores for name, scores in students.items() if name != "rrm"},
-            "ratios": record["ratios"],
-            "victim_quality": record["victim"]["reported_metrics"],
-            "eps": evaluation["eps"],
-        }
-    if cell.victim.kind == "classifier":
-        return line | {
-            "method": record.get("method"),
-            "output": record["output"],
-            "surrogate": evaluation["combined"],
-            "single": evaluation["single"],
-            "members": evaluation["members"],
-            "diversity": evaluation["diversity"],
-            "victim_quality": evaluation["victim"],
-            "monitor": record["monitor"],
-        }
-    return line | {
-        "surrogate": evaluation["surrogate"],
-        "victim_quality": evaluation["victim"],
-        "untrained": evaluation["untrained"],
-        "ratio": evaluation["ratio"],
-        "recovered": evaluation["recovered"],
-        "fidelity": evaluation["fidelity"],
-        "untrained_fidelity": evaluation["untrained_fidelity"],
-    }
+    return AuditSummary(events=len(charges), images=total, seconds=series[-1][0], series=points)
 
 
 def steal(
@@ -194,38 +139,26 @@ def steal(
     victim: Path,
     data_root: Path | None,
     progress: bool | None,
-) -> dict[str, Any]:
-    """Run the cell's attack through the attacker client; its result record."""
-    common: dict[str, Any] = {
-        "url": url,
-        "key": api_key,
-        "model": cell.served_name,
-        "attack": cell.attack.attack,
-        "params": {**cell.attack.params, "seed": cell.seed},
-        "query_set": scenario.query_set,
-        "query_split": scenario.query_split,
-        "budget": cell.budget,
-        "out": out,
-        "device": scenario.device,
-        "victim_checkpoint": victim,
-        "data_root": data_root,
-        "progress": progress,
-        "cache_namespace": f"{scenario.name}/{cell.served_name}",
-    }
-    if cell.attack.is_robustness:
-        spec = scenario.robustness_evaluation
-        del common["attack"], common["victim_checkpoint"]
-        return steal_robustness(
-            RobustnessStealingConfig(
-                **common, test_size=spec.test_size, eval_steps=spec.eval_steps, references=spec.references
-            )
-        )
-    if cell.victim.kind == "classifier":
-        spec = scenario.classifier_evaluation
-        return steal_classifier(
-            ClassifierStealingConfig(**common, test_size=spec.test_size, monitor_size=spec.monitor_size)
-        )
-    return steal_encoder(EncoderStealingConfig(**common, evaluation=scenario.evaluation))
+) -> RunResult:
+    """Run the cell's attack through its family with the attacker client; its typed result."""
+    shared = StealingRunConfig(
+        url=url,
+        key=api_key,
+        model=cell.served_name,
+        attack=cell.attack.attack,
+        params={**cell.attack.params, "seed": cell.seed},
+        query_set=scenario.query_set,
+        query_split=scenario.query_split,
+        budget=cell.budget,
+        out=out,
+        device=scenario.device,
+        victim_checkpoint=victim,
+        data_root=data_root,
+        progress=progress,
+        cache_namespace=f"{scenario.name}/{cell.served_name}",
+    )
+    family = cell.attack.family
+    return family.run(shared, scenario.evaluation_for(family))
 
 
 def run_cell(
@@ -237,7 +170,7 @@ def run_cell(
     victims: dict[str, Path],
     data_root: Path | None,
     progress: bool | None,
-) -> dict[str, Any]:
+) -> CellLine:
     """Run one cell end to end; never raises for the cell's own failure (it is recorded)."""
     started = time.perf_counter()
     out = run_dir / "cells" / cell.id
@@ -249,29 +182,40 @@ def run_cell(
     created = admin.post("/admin/keys", json=key_spec)
     created.raise_for_status()
     key_id, api_key = created.json()["record"]["key_id"], created.json()["api_key"]
-    base = {
+    common: dict[str, Any] = {
         "cell": cell.id,
         "scenario": scenario.name,
         "victim": cell.victim.model,
         "defense": cell.defense.name,
+        "pipeline": cell.defense.pipeline,
+        "detector": cell.defense.detector,
         "attack": cell.attack.label,
+        "family": cell.attack.family.name,
         "budget": cell.budget,
         "seed": cell.seed,
     }
+    outcome: dict[str, Any]
     try:
-        record = steal(cell, scenario, url, api_key, out, victims[cell.victim.model], data_root, progress)
-        line = cell_line(cell, scenario, record)
+        outcome = {
+            "status": "ok",
+            "result": steal(
+                cell, scenario, url, api_key, out, victims[cell.victim.model], data_root, progress
+            ),
+        }
     except Exception as exc:  # recorded; the run goes on
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
         code = getattr(exc, "code", None) if isinstance(exc, VictimAPIError) else None
-        line = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_code": code}
+        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_code": code}
     usage = admin.get(f"/admin/keys/{key_id}").json()
-    line["key"] = {"id": key_id, "used": usage.get("used"), "budget": usage.get("budget")}
-    line["flags"] = admin.get(f"/admin/keys/{key_id}/defenses").json().get("flags", {})
-    line["audit"] = audit_summary(admin.get(f"/admin/keys/{key_id}/audit", params={"count": 100_000}).json())
-    line["wall_seconds"] = time.perf_counter() - started
-    return line
+    return CellLine(
+        **common,
+        **outcome,
+        key=KeyUsage(id=key_id, used=usage.get("used"), budget=usage.get("budget")),
+        flags=admin.get(f"/admin/keys/{key_id}/defenses").json().get("flags", {}),
+        audit=audit_summary(admin.get(f"/admin/keys/{key_id}/audit", params={"count": 100_000}).json()),
+        wall_seconds=time.perf_counter() - started,
+    )
 
 
 PROTECTION_DIR = "protection"
@@ -322,7 +266,8 @@ def run_scenario(
     """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring)."""
     if scenario.workers > 1 and not redis_url:
         raise ValueError(
-            "workers > 1 needs a real Redis (redis_url / STEALRANGE_REDIS_URL): the embedded one is per process"
+            "workers > 1 needs a real Redis (redis_url / STEALRANGE_REDIS_URL): "
+            "the embedded one is per process"
         )
     run_dir = runs / scenario.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +277,7 @@ def run_scenario(
         (run_dir / COSTS_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / PROTECTION_DIR, ignore_errors=True)
     (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-    finished = {line["cell"] for line in read_results(run_dir) if line.get("status") == "ok"}
+    finished = {line.cell for line in read_results(run_dir) if line.ok}
     cells = scenario.cells()
     todo = [cell for cell in cells if cell.id not in finished]
     console.print(
@@ -370,12 +315,9 @@ def run_scenario(
                 if on_cell is not None:
                     on_cell(i, len(todo), cell)
                 line = run_cell(cell, scenario, url, admin, run_dir, victims, data_root, progress)
-                with results.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
-                status = (
-                    "ok" if line["status"] == "ok" else f"[red]{line['status']}: {line.get('error')}[/red]"
-                )
-                console.print(f"  {status} ({line['wall_seconds']:.0f} s)")
+                append_result(run_dir, line)
+                status = "ok" if line.ok else f"[red]{line.status}: {line.error}[/red]"
+                console.print(f"  {status} ({line.wall_seconds:.0f} s)")
         console.print(f"ran {len(todo)} cells in {time.perf_counter() - run_started:.0f} s")
     run_protection(scenario, run_dir, data_root, progress)
     build_report(run_dir)

@@ -1,8 +1,10 @@
 """Scenario files: the matrix of victims x defenses x attacks x budgets x seeds the range runs.
 
 A scenario is YAML validated by pydantic; every name is checked when the file is read (attacks and
-their parameters, defense pipelines for the victim's kind, datasets), so a typo fails in a second
-with the field's path, not an hour into the run. :meth:`Scenario.cells` expands the matrix.
+their parameters, defense pipelines for the victim's kind, datasets, each attack family's
+evaluation), so a typo fails in a second with the field's path, not an hour into the run.
+:meth:`Scenario.cells` expands the matrix: each victim meets the attacks whose family steals its
+kind (:mod:`attacker_client.families`).
 
     name: quick
     victims: [{model: fmnist-encoder, kind: encoder, profile: quick}]
@@ -12,6 +14,8 @@ with the field's path, not an hour into the run. :meth:`Scenario.cells` expands 
     attacks:
       - {attack: rda, params: {max_steps: 60}}
     budgets: [1000, 4000]
+    evaluation:                     # per attack family, each checked by the family's spec
+      encoder: {downstream: [fashion_mnist], probe_epochs: 20}
 """
 
 from __future__ import annotations
@@ -20,19 +24,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 import defenses.output  # noqa: F401  (registers the output defenses)
-from attacker_client.attacks import attack_class, build_attack, list_attacks
-from attacker_client.attacks.classifier import (
-    build_classifier_attack,
-    classifier_attack_class,
-    list_classifier_attacks,
-)
-from attacker_client.attacks.rrm import RRMParams
-from attacker_client.evaluate import EvalConfig
-from common.datasets import list_datasets
-from defenses.base import DefensePipeline, ModelKind
+from attacker_client.attacks import ATTACKS, Attack
+from attacker_client.families import FAMILIES, AttackFamily
+from common.datasets import DATASETS
+from common.models import ModelKind
+from defenses.base import DefensePipeline
 from defenses.detectors import build_detector
 from victims.recipes import recipe_for, robust_recipe
 
@@ -67,10 +75,10 @@ class DefenseSpec(Strict):
 
 
 class AttackSpec(Strict):
-    """An attack from the registries with its parameters (``name`` tells two settings apart).
+    """A registered attack with its parameters (``name`` tells two settings apart).
 
-    Encoder attacks (rda, stolen_encoder, ...) run against encoder victims, classifier attacks
-    (knockoff, ensemble) against classifier victims; each victim meets the attacks of its kind.
+    The attack's family (encoder, classifier, robustness, ...) says which victims it meets: those
+    of the kind it steals.
     """
 
     attack: str
@@ -82,38 +90,23 @@ class AttackSpec(Strict):
         return self.name or self.attack.replace("_", "-")
 
     @property
-    def is_robustness(self) -> bool:
-        """Robust Representation Matching: steals an encoder's robustness into a classifier."""
-        return self.attack.strip().lower() == "rrm"
+    def attack_class(self) -> type[Attack]:
+        """The registered attack (an unknown name raises ``ValueError``)."""
+        return ATTACKS.get(self.attack)
+
+    @property
+    def family(self) -> AttackFamily[Any, Any]:
+        """The attack's family (``ValueError`` for an unknown attack or family)."""
+        return FAMILIES.get(self.attack_class.family)
 
     @property
     def kind(self) -> ModelKind:
-        """The kind of victim this attack steals (an unknown attack raises ``ValueError``)."""
-        if self.is_robustness:
-            return "encoder"
-        try:
-            attack_class(self.attack)
-            return "encoder"
-        except ValueError:
-            classifier_attack_class(self.attack)
-            return "classifier"
+        """The kind of victim this attack steals."""
+        return self.family.kind
 
     def check(self) -> None:
         """Build the attack with its parameters (validation only)."""
-        if self.is_robustness:
-            RRMParams.model_validate(self.params)
-        elif self.kind == "encoder":
-            build_attack(self.attack, self.params)
-        else:
-            build_classifier_attack(self.attack, self.params)
-
-
-class RobustnessEvalSpec(Strict):
-    """How RRM students are scored: clean and PGD accuracy on held-out test images."""
-
-    test_size: int = Field(1000, ge=10)
-    eval_steps: int = Field(20, ge=1, description="PGD steps of the evaluation")
-    references: bool = Field(True, description="also train the PGD-AT and plain references per cell")
+        ATTACKS.build(self.attack, self.params)
 
 
 class DataProtectionSpec(Strict):
@@ -132,19 +125,18 @@ class DataProtectionSpec(Strict):
     epochs: int = Field(4, ge=1, description="epochs of the protecting run and of each evaluation model")
 
 
-class ClassifierEvalSpec(Strict):
-    """How stolen classifiers are scored: held-out test images of the victim's dataset."""
-
-    test_size: int = Field(2000, ge=10)
-    monitor_size: int = Field(500, ge=2, description="images on which members are logged in training")
-
-
 class DefenseCostSpec(Strict):
     """How each defense's cost to honest users is measured (once per victim and defense)."""
 
     images: int = Field(1000, ge=10)
     probe_train_size: int = Field(2000, ge=10)
     dataset: str | None = Field(None, description="the honest user's task (default: the victim's dataset)")
+
+
+def served_name(victim: str, defense: str) -> str:
+    """A victim's name in the range's store behind ``defense``: ``<victim>--<defense>`` (the
+    victim's own name behind ``none``), at most 64 characters."""
+    return victim if defense == "none" else f"{victim}--{defense}"[:64]
 
 
 class Cell(Strict):
@@ -160,11 +152,7 @@ class Cell(Strict):
     @property
     def served_name(self) -> str:
         """The model's name in the range's store: the victim, copied once per defense."""
-        return (
-            self.victim.model
-            if self.defense.name == "none"
-            else f"{self.victim.model}--{self.defense.name}"[:64]
-        )
+        return served_name(self.victim.model, self.defense.name)
 
 
 class Scenario(Strict):
@@ -182,13 +170,64 @@ class Scenario(Strict):
     burst: int | None = Field(None, ge=1)
     query_set: str = "fashion_mnist"
     query_split: Literal["train", "test", "attacker"] = "attacker"
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    classifier_evaluation: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
-    robustness_evaluation: RobustnessEvalSpec = Field(default_factory=RobustnessEvalSpec)
+    evaluation: dict[str, SerializeAsAny[BaseModel]] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="per attack family, its evaluation spec (every registered family, defaults filled)",
+    )
     data_protection: DataProtectionSpec | None = None
     defense_cost: DefenseCostSpec | None = Field(default_factory=DefenseCostSpec)
     workers: int = Field(1, ge=1, description="uvicorn workers of the victim API")
     device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        """Scenario files from before the family registry: ``<family>_evaluation`` moved."""
+        if isinstance(data, dict):
+            for key in data:
+                family = str(key).removesuffix("_evaluation")
+                if key != family and family in FAMILIES:
+                    raise ValueError(
+                        f"{key} moved under evaluation: write `evaluation: {{{family}: {{...}}}}` "
+                        f"(each attack family's evaluation under its name)"
+                    )
+        return data
+
+    @field_validator("evaluation", mode="before")
+    @classmethod
+    def _family_specs(cls, value: Any) -> dict[str, BaseModel]:
+        """Each family's evaluation validated by its spec; the families not named get defaults."""
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise ValueError(
+                "evaluation: a mapping of attack family to its evaluation, e.g. {encoder: {...}}"
+            )
+        families = dict(FAMILIES.items())
+        for key in value:
+            if key in families:
+                continue
+            owners = [name for name, family in families.items() if key in family.evaluation.model_fields]
+            if owners:
+                raise ValueError(
+                    f"{key!r} is a field of the {owners[0]} evaluation, which moved under "
+                    f"evaluation.{owners[0]}: write `evaluation: {{{owners[0]}: {{{key}: ...}}}}`"
+                )
+            raise ValueError(f"unknown attack family {key!r}; known: {', '.join(families)}")
+        specs = create_model(  # type: ignore[call-overload]
+            "Evaluation",
+            __config__=ConfigDict(extra="forbid"),
+            **{
+                name: (family.evaluation, Field(default_factory=family.evaluation))
+                for name, family in families.items()
+            },
+        )
+        return dict(specs.model_validate(value))
+
+    def evaluation_for(self, family: AttackFamily[Any, Any]) -> BaseModel:
+        """The scenario's evaluation spec of ``family`` (its defaults when the scenario has none)."""
+        spec = self.evaluation.get(family.name)
+        return family.evaluation() if spec is None else spec
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -205,19 +244,16 @@ class Scenario(Strict):
         ):
             if len(set(names)) != len(names):
                 raise ValueError(f"{field}: names must be unique, got {names}")
-        known = set(list_datasets())
+        known = set(DATASETS.names())
         protected = [self.data_protection.dataset] if self.data_protection else []
-        for dataset in [self.query_set, *self.evaluation.downstream, *protected]:
+        for dataset in [self.query_set, *protected]:
             if dataset not in known:
                 raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(known))}")
         for i, attack in enumerate(self.attacks):
             try:
-                attack.kind  # noqa: B018  (raises for an unknown attack)
-            except ValueError:
-                raise ValueError(
-                    f"attacks.{i}.attack: unknown attack {attack.attack!r}; known: "
-                    f"{', '.join([*list_attacks(), *list_classifier_attacks(), 'rrm'])}"
-                ) from None
+                attack.family  # noqa: B018  (raises for an unknown attack or family)
+            except ValueError as exc:
+                raise ValueError(f"attacks.{i}.attack: {exc}") from None
             try:
                 attack.check()
             except (ValueError, ValidationError) as exc:

@@ -17,8 +17,8 @@ from common.checkpoints import CARD_FILE, ModelCard, OutputMode, load_checkpoint
 from common.models import ImageModel
 from defenses.base import DefenseContext, DefensePipeline
 from defenses.config import DEFAULT_TIER, load_defense_config
-from defenses.detectors import PRADA
-from server.errors import InvalidInputError, NotFoundError
+from defenses.detectors import Detector
+from server.errors import NotFoundError
 
 # Output tensor name -> the output mode a key's tier must allow to receive it.
 OUTPUT_MODES: dict[str, OutputMode] = {
@@ -50,7 +50,7 @@ class ServedModel:
     output_names: list[str] = field(default_factory=list)
     defenses: dict[str, DefensePipeline] = field(default_factory=dict)  # tier or "*" -> pipeline
     profiles: dict[str, DefensePipeline] = field(default_factory=dict)  # key's defense_profile -> pipeline
-    detector: PRADA | None = None
+    detector: Detector | None = None
 
     @property
     def name(self) -> str:
@@ -80,28 +80,10 @@ class ServedModel:
         return []
 
     def to_model_input(self, images: np.ndarray) -> torch.Tensor:
-        """Check a batch against the card (shape, dtype, range) and make [0, 1] floats of it."""
-        expected = self.card.input.shape
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            shape = "x".join(map(str, expected))
-            raise InvalidInputError(
-                f"input shape {list(images.shape)} does not match [n, {', '.join(map(str, expected))}] "
-                f"(model {self.name} takes {shape} images)",
-                code="invalid_shape",
-            )
-        if images.dtype == np.uint8:
-            return torch.from_numpy(np.array(images, copy=True)).to(self.device).float().div_(255)
-        if images.dtype == np.float32:
-            if (
-                not np.isfinite(images).all()
-                or images.min(initial=0.0) < 0.0
-                or images.max(initial=0.0) > 1.0
-            ):
-                raise InvalidInputError("FP32 inputs must be finite and within [0, 1]", code="invalid_range")
-            return torch.from_numpy(np.array(images, copy=True)).to(self.device)
-        raise InvalidInputError(
-            f"datatype {images.dtype} not accepted; send UINT8 or FP32", code="invalid_dtype"
-        )
+        """A batch the service validated (:func:`server.service.check_images`: uint8, or float32
+        within [0, 1], of the card's shape) as [0, 1] floats on the model's device."""
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)
+        return x.float().div_(255) if images.dtype == np.uint8 else x
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

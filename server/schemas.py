@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.models import ModelKind
 from server.keys import KeyRecord
 
 Number = int | float
@@ -66,7 +67,7 @@ class ModelMetadata(BaseModel):
     name: str
     versions: list[str]
     platform: str = "pytorch"
-    kind: Literal["classifier", "encoder"]
+    kind: ModelKind
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     input_datatypes: list[str] = ["UINT8", "FP32"]
@@ -166,7 +167,7 @@ class Usage(BaseModel):
     revoked: bool
     flags: dict[str, KeyFlag] = Field(
         default_factory=dict,
-        description="detections by model, e.g. PRADA's extraction_suspected (the statistics behind a "
+        description="detections by model, e.g. a detector's extraction_suspected (the statistics behind a "
         "flag are for the admin API only)",
     )
 

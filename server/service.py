@@ -256,6 +256,7 @@ class InferenceService:
 
     @staticmethod
     def _batch(served: ServedModel, images: np.ndarray, outputs: list[str], top_k: int) -> Batch:
+        check_images(served, images)
         x = served.to_model_input(images)
         return Batch(images=images, x=x, outputs=outputs, top_k=top_k, digests=image_digests(images))
 
@@ -391,6 +392,25 @@ class InferenceService:
             assert context is not None
             await pipeline.observe(raw[0], context, self.defense_store)
         return await anyio.to_thread.run_sync(finish, raw, limiter=self.inference_limiter)
+
+
+def check_images(served: ServedModel, images: np.ndarray) -> None:
+    """A decoded batch against the model's card: ``[n, C, H, W]`` of its shape, uint8, or float32
+    finite and within [0, 1]. Every wire format's batch passes here, once, before the charge."""
+    expected = served.card.input.shape
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise InvalidInputError(
+            f"input shape {list(images.shape)} does not match [n, {', '.join(map(str, expected))}] "
+            f"(model {served.name} takes {'x'.join(map(str, expected))} images)",
+            code="invalid_shape",
+        )
+    if images.dtype == np.float32:
+        if not np.isfinite(images).all() or images.min(initial=0.0) < 0.0 or images.max(initial=0.0) > 1.0:
+            raise InvalidInputError("FP32 inputs must be finite and within [0, 1]", code="invalid_range")
+    elif images.dtype != np.uint8:
+        raise InvalidInputError(
+            f"datatype {images.dtype} not accepted; send UINT8 or FP32", code="invalid_dtype"
+        )
 
 
 def _parse_infer_body(body: bytes, header_length: str | None) -> tuple[InferRequest, memoryview]:

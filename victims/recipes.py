@@ -163,11 +163,11 @@ def recipe_for(
         return recipe
     if kind != "classifier":
         raise ValueError("training-time defenses are for classifiers")
-    from defenses.training import build_teacher_defense
+    from defenses.training import TEACHER_DEFENSES
 
     name = defense.strip().lower().replace("-", "_")
     defaults = QUICK_TEACHER_DEFENSES.get(name, {}) if profile == "quick" else {}
-    params = build_teacher_defense(name, {**defaults, **defense_params}).params.model_dump(mode="json")
+    params = TEACHER_DEFENSES.build(name, {**defaults, **defense_params}).params.model_dump(mode="json")
     return recipe.model_copy(
         update={"name": f"{recipe.name}-{name.replace('_', '-')}", "defense": {"name": name, **params}}
     )
@@ -222,13 +222,13 @@ def train_victim(
     metrics: dict[str, float] = {}
     served: list[dict[str, Any]] = []
     if recipe.defense is not None:
-        from defenses.training import build_teacher_defense
+        from defenses.training import TEACHER_DEFENSES
 
         baseline_card = train_victim(recipe.baseline(), store, data_root=data_root, progress=progress)
         baseline, _ = load_checkpoint(store / baseline_card.name, device)
         assert isinstance(baseline, Classifier)
         spec = dict(recipe.defense)
-        defense = build_teacher_defense(spec.pop("name"), spec)
+        defense = TEACHER_DEFENSES.build(spec.pop("name"), spec)
         model = defense.train(baseline, model.to(device), train, recipe.train, progress)
         served = defense.served_pipeline()
         history: list[dict[str, float]] = []

@@ -1,8 +1,10 @@
-"""The contract of an encoder-stealing attack, and the registry of attacks by name.
+"""The contract of an encoder-stealing attack: the ``encoder`` family's base class.
 
-Layered as ART's attacks are: each attack lives in its own file, declares its parameters as a
-pydantic model (checked when the attack is built, so a typo in a scenario fails before any query is
-spent), and implements one method, :meth:`EncoderAttack.steal`. The attack sees the victim only
+Layered as ART's attacks are: each attack lives in its own file, derives from :class:`EncoderAttack`
+(an :class:`~attacker_client.attacks.contract.Attack`), declares its parameters as a pydantic model
+(checked when the attack is built, so a typo in a scenario fails before any query is spent),
+registers itself in :data:`~attacker_client.attacks.contract.ATTACKS` and implements one method,
+:meth:`EncoderAttack.steal`. The attack sees the victim only
 through an *oracle*: a function from uint8 images ``[n, C, H, W]`` to float32 embeddings
 ``[n, d]``; in this project that is :meth:`attacker_client.client.VictimClient.embed`, so every
 image the attack asks for is a paid query on the victim's API (unless the client's cache has it).
@@ -22,11 +24,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from attacker_client.attacks.contract import SURROGATE_MEAN, SURROGATE_STD, Attack, AttackParams
 from common.datasets import ImageData
 from common.devices import memory_format
-from common.models import Encoder, ImageModel, build_model, list_backbones
+from common.models import BACKBONES, Encoder, ImageModel, build_model
 from common.training import StepFn, TrainConfig, run_steps
 from common.views import ViewConfig, ViewGenerator, to_uint8
 
@@ -35,8 +38,6 @@ EmbedOracle = Callable[[np.ndarray], np.ndarray]
 
 ViewPreset = Literal["none", "simclr", "rda_prototype", "rda_train", "stolen_encoder"]
 
-SURROGATE_MEAN = 0.5
-SURROGATE_STD = 0.5
 VIEW_CHUNK = 256  # samples per view-generation call; fixed so the random stream never depends on it
 
 
@@ -57,15 +58,13 @@ def view_generator(preset: ViewPreset) -> ViewGenerator:
     return ViewGenerator(getattr(ViewConfig, preset)())
 
 
-class EncoderAttackParams(BaseModel):
+class EncoderAttackParams(AttackParams):
     """Parameters every encoder attack shares; each attack adds its own and may change defaults.
 
     The defaults are RDA's released training setup (Wu et al., ECCV 2024): Adam, lr 1e-3, weight
     decay 1e-4, batch 100, 100 epochs. ``architecture`` is the surrogate's backbone (the paper uses a
     ResNet-18; the quick profile the small CNN); its output width is the victim's embedding width.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = Field("small_cnn", description="surrogate backbone (a registered name)")
     epochs: int = Field(100, ge=1, description="training epochs over the query samples")
@@ -74,13 +73,12 @@ class EncoderAttackParams(BaseModel):
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
-    seed: int = Field(0, description="seeds the sample choice, the views and the surrogate's init")
 
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        if value not in list_backbones():
-            raise ValueError(f"unknown surrogate architecture {value!r}; known: {list_backbones()}")
+        if value not in BACKBONES.names():
+            raise ValueError(f"unknown surrogate architecture {value!r}; known: {BACKBONES.names()}")
         return value
 
     def train_config(self, device: torch.device) -> TrainConfig:
@@ -111,20 +109,12 @@ class StealingResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class EncoderAttack(abc.ABC):
-    """Base class: parameters validated at construction, a query plan, and :meth:`steal`."""
+class EncoderAttack(Attack):
+    """Base of the ``encoder`` family: a query plan, helpers, and :meth:`steal`."""
 
-    name: ClassVar[str]
-    paper: ClassVar[str]
+    family: ClassVar[str] = "encoder"
     Params: ClassVar[type[EncoderAttackParams]] = EncoderAttackParams
-
-    def __init__(self, params: EncoderAttackParams | dict[str, Any] | None = None, **overrides: Any) -> None:
-        """``params`` (a model or a dict) updated by ``overrides``; validated here."""
-        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
-        self.params = self.Params.model_validate({**base, **overrides})
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.params!r})"
+    params: EncoderAttackParams
 
     # -- the query plan ----------------------------------------------------------------------
 
@@ -228,32 +218,3 @@ class EncoderAttack(abc.ABC):
         progress: bool | None = None,
     ) -> StealingResult:
         """Spend at most ``budget`` queries of ``oracle`` on images of ``pool``; train a surrogate."""
-
-
-_ATTACKS: dict[str, type[EncoderAttack]] = {}
-
-
-def register_attack(cls: type[EncoderAttack]) -> type[EncoderAttack]:
-    """Class decorator: register an attack under its ``name`` (timm-style registry)."""
-    if cls.name in _ATTACKS:
-        raise ValueError(f"attack {cls.name!r} is already registered")
-    _ATTACKS[cls.name] = cls
-    return cls
-
-
-def list_attacks() -> list[str]:
-    """Names of every registered attack."""
-    return sorted(_ATTACKS)
-
-
-def attack_class(name: str) -> type[EncoderAttack]:
-    """The attack class registered as ``name`` (``-`` and ``_`` alike)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known attacks: {', '.join(list_attacks())}")
-    return _ATTACKS[key]
-
-
-def build_attack(name: str, params: dict[str, Any] | None = None) -> EncoderAttack:
-    """Build the attack ``name`` with ``params`` (validated; unknown names are errors)."""
-    return attack_class(name)(params or {})

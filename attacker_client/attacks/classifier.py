@@ -1,8 +1,8 @@
-"""The contract of a classifier-stealing attack, the victim's answers as training targets, and the
-registry of classifier attacks by name.
+"""The contract of a classifier-stealing attack (the ``classifier`` family's base class,
+:class:`ClassifierAttack`), and the victim's answers as training targets.
 
 A classifier attack sees the victim through a :class:`ClassifierOracle`: uint8 images in, one
-target distribution per image out, whatever the key may ask for:
+target distribution per image out, whatever the key may ask for (its :data:`AnswerMode`):
 
 - ``probabilities``: the victim's posterior as it is;
 - ``top_k``: the ``k`` largest probabilities (a truncated posterior, Orekondy et al., CVPR 2019,
@@ -27,16 +27,17 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from attacker_client.attacks.contract import SURROGATE_MEAN, SURROGATE_STD, Attack, AttackParams
 from common.datasets import ImageData
 from common.devices import autocast, memory_format
-from common.models import Classifier, build_model, list_backbones
+from common.models import BACKBONES, Classifier, build_model
 from common.training import EpochHook, TrainConfig, batch_to_device, batches_per_epoch, run_steps
 
-OutputMode = Literal["probabilities", "top_k", "label"]
-SURROGATE_MEAN = 0.5
-SURROGATE_STD = 0.5
+AnswerMode = Literal["probabilities", "top_k", "label"]
+"""What a classifier attack asks the victim for (the served output modes it can learn from; the
+server's own output modes are :data:`common.checkpoints.OutputMode`)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ClassifierOracle:
 
     ask: Callable[[np.ndarray], np.ndarray]
     num_classes: int
-    mode: OutputMode = "probabilities"
+    mode: AnswerMode = "probabilities"
 
     @property
     def hard_labels(self) -> bool:
@@ -55,7 +56,7 @@ class ClassifierOracle:
 
 def answers_to_targets(
     answer: np.ndarray | tuple[np.ndarray, np.ndarray],
-    mode: OutputMode,
+    mode: AnswerMode,
     num_classes: int,
     top_k_fill: Literal["uniform", "renormalize"] = "uniform",
 ) -> np.ndarray:
@@ -105,7 +106,7 @@ def distillation_loss(
     return -(q * log_student).sum(dim=1).mean() * temperature**2
 
 
-class ClassifierAttackParams(BaseModel):
+class ClassifierAttackParams(AttackParams):
     """Parameters every classifier attack shares.
 
     The defaults are Knockoff Nets' released training setup (Orekondy et al., CVPR 2019,
@@ -113,8 +114,6 @@ class ClassifierAttackParams(BaseModel):
     epochs with the lr divided by 10 at epoch 60, soft labels at temperature 1, random transfer set.
     The quick profile overrides epochs.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = Field("small_cnn", description="surrogate backbone (a registered name)")
     feature_dim: int = Field(128, ge=2, description="surrogate's penultimate width")
@@ -140,7 +139,6 @@ class ClassifierAttackParams(BaseModel):
     monitor_every: int | None = Field(
         None, ge=1, description="log members' predictions every this many steps (null: every epoch)"
     )
-    seed: int = 0
 
     def steps_per_epoch(self, n: int) -> int:
         """Optimizer steps per epoch over ``n`` transfer samples."""
@@ -159,8 +157,8 @@ class ClassifierAttackParams(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        if value not in list_backbones():
-            raise ValueError(f"unknown surrogate architecture {value!r}; known: {list_backbones()}")
+        if value not in BACKBONES.names():
+            raise ValueError(f"unknown surrogate architecture {value!r}; known: {BACKBONES.names()}")
         return value
 
     def train_config(self, device: torch.device, seed: int | None = None) -> TrainConfig:
@@ -209,19 +207,12 @@ class ClassifierStealingResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ClassifierAttack(abc.ABC):
-    """Base class: parameters validated at construction, the transfer set, the training loop."""
+class ClassifierAttack(Attack):
+    """Base of the ``classifier`` family: the transfer set, the surrogate, the training loop."""
 
-    name: ClassVar[str]
-    paper: ClassVar[str]
+    family: ClassVar[str] = "classifier"
     Params: ClassVar[type[ClassifierAttackParams]] = ClassifierAttackParams
-
-    def __init__(self, params: BaseModel | dict[str, Any] | None = None, **overrides: Any) -> None:
-        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
-        self.params = self.Params.model_validate({**base, **overrides})
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.params!r})"
+    params: ClassifierAttackParams
 
     def choose_samples(self, pool: ImageData, budget: int) -> ImageData:
         """The transfer set's images: ``min(budget, pool)`` of them, at random or balanced over the
@@ -327,33 +318,3 @@ class ClassifierAttack(abc.ABC):
         ``monitor``: held-out uint8 images (no queries spent on them) on which the members'
         predictions are logged during training (prediction variance over iterations).
         """
-
-
-_CLASSIFIER_ATTACKS: dict[str, type[ClassifierAttack]] = {}
-
-
-def register_classifier_attack(cls: type[ClassifierAttack]) -> type[ClassifierAttack]:
-    """Class decorator: register a classifier attack under its ``name``."""
-    if cls.name in _CLASSIFIER_ATTACKS:
-        raise ValueError(f"classifier attack {cls.name!r} is already registered")
-    _CLASSIFIER_ATTACKS[cls.name] = cls
-    return cls
-
-
-def list_classifier_attacks() -> list[str]:
-    """Names of every registered classifier attack."""
-    return sorted(_CLASSIFIER_ATTACKS)
-
-
-def classifier_attack_class(name: str) -> type[ClassifierAttack]:
-    """The classifier attack registered as ``name`` (``-`` and ``_`` alike)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _CLASSIFIER_ATTACKS:
-        known = ", ".join(list_classifier_attacks())
-        raise ValueError(f"unknown classifier attack {name!r}; known: {known}")
-    return _CLASSIFIER_ATTACKS[key]
-
-
-def build_classifier_attack(name: str, params: dict[str, Any] | None = None) -> ClassifierAttack:
-    """Build the classifier attack ``name`` with ``params`` (validated)."""
-    return classifier_attack_class(name)(params or {})

@@ -26,9 +26,9 @@ from attacker_client.attacks.base import (
     EncoderAttackParams,
     StealingResult,
     ViewPreset,
-    register_attack,
     view_generator,
 )
+from attacker_client.attacks.contract import ATTACKS
 from attacker_client.attacks.losses import discriminate_loss
 from common.datasets import ImageData
 from common.devices import autocast
@@ -44,7 +44,7 @@ class ContStealParams(EncoderAttackParams):
     train_view: ViewPreset = Field("simclr", description="views the surrogate trains on")
 
 
-@register_attack
+@ATTACKS.register
 class ContSteal(EncoderAttack):
     """Contrastive stealing between surrogate and victim embeddings of augmented views."""
 

@@ -23,9 +23,9 @@ from attacker_client.attacks.base import (
     EncoderAttackParams,
     StealingResult,
     ViewPreset,
-    register_attack,
     view_generator,
 )
+from attacker_client.attacks.contract import ATTACKS
 from attacker_client.attacks.stolen_encoder import embedding_distance
 from common import distributed
 from common.datasets import ImageData
@@ -68,7 +68,7 @@ class _EpochQueries:
         return self.images, self.targets
 
 
-@register_attack
+@ATTACKS.register
 class Conventional(EncoderAttack):
     """Fresh victim queries every epoch; surrogate regresses the victim's embedding of each view."""
 

@@ -22,26 +22,26 @@ from attacker_client.attacks.classifier import (
     ClassifierAttackParams,
     ClassifierOracle,
     ClassifierStealingResult,
-    register_classifier_attack,
 )
-from attacker_client.uq import Monitor, build_uq_method, list_uq_methods
+from attacker_client.attacks.contract import ATTACKS
+from attacker_client.uq import UQ_METHODS, Monitor
 from common.datasets import ImageData
 
 
 class EnsembleParams(ClassifierAttackParams):
     """The UQ method, the number of members and the method's own parameters."""
 
-    method: str = Field("deep_ensemble", description=f"one of {', '.join(list_uq_methods())}")
+    method: str = Field("deep_ensemble", description=f"one of {', '.join(UQ_METHODS.names())}")
     members: int = Field(5, ge=2, le=100, description="members (networks or posterior samples)")
     method_params: dict[str, Any] = Field(default_factory=dict, description="the UQ method's parameters")
 
     @model_validator(mode="after")
     def _check_method(self) -> EnsembleParams:
-        build_uq_method(self.method, self.method_params)  # unknown names and bad values fail here
+        UQ_METHODS.build(self.method, self.method_params)  # unknown names and bad values fail here
         return self
 
 
-@register_classifier_attack
+@ATTACKS.register
 class EnsembleStealing(ClassifierAttack):
     """``members`` surrogates from one UQ method, queries paid once."""
 
@@ -64,7 +64,7 @@ class EnsembleStealing(ClassifierAttack):
         samples = self.choose_samples(pool, budget)
         data = self.query(oracle, samples)
         query_seconds = time.perf_counter() - started
-        method = build_uq_method(p.method, p.method_params)
+        method = UQ_METHODS.build(p.method, p.method_params)
         started = time.perf_counter()
         single = method.train(self, data, p.members, device, monitor, progress)
         members = method.sample_members(p.members, p.seed)

@@ -18,13 +18,13 @@ from attacker_client.attacks.classifier import (
     ClassifierAttack,
     ClassifierOracle,
     ClassifierStealingResult,
-    register_classifier_attack,
 )
+from attacker_client.attacks.contract import ATTACKS
 from attacker_client.uq.base import Monitor, member_probabilities
 from common.datasets import ImageData
 
 
-@register_classifier_attack
+@ATTACKS.register
 class Knockoff(ClassifierAttack):
     """One surrogate distilled from the victim's answers on a transfer set queried once."""
 

@@ -31,9 +31,9 @@ from attacker_client.attacks.base import (
     EncoderAttackParams,
     StealingResult,
     ViewPreset,
-    register_attack,
     view_generator,
 )
+from attacker_client.attacks.contract import ATTACKS
 from attacker_client.attacks.losses import rda_loss
 from common.datasets import ImageData
 from common.devices import autocast
@@ -60,7 +60,7 @@ def build_prototypes(embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeddings.float(), dim=2).mean(dim=1)
 
 
-@register_attack
+@ATTACKS.register
 class RDA(EncoderAttack):
     """Sample-wise prototypes queried once, then query-free multi-relational training."""
 

@@ -14,33 +14,33 @@ training (Madry et al. 2018) of the same student on the same images and labels f
 (:func:`common.adversarial.train_adversarial`), and a plain student (cross-entropy only) shows what
 the victim's representation added. Training defaults follow the released code's SGD with a cosine
 schedule (lr 0.1, momentum 0.9, weight decay 5e-4); the quick profile's epochs are few.
+
+RRM is the attack of the ``robustness`` family (:mod:`attacker_client.steal_robustness`): it steals an
+encoder's robustness into a classifier; registered as ``rrm`` like every other attack.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from attacker_client.attacks.base import EmbedOracle
+from attacker_client.attacks.contract import ATTACKS, SURROGATE_MEAN, SURROGATE_STD, Attack, AttackParams
 from common.adversarial import train_adversarial
 from common.datasets import ImageData
 from common.devices import autocast
-from common.models import Classifier, build_model, list_backbones
+from common.models import BACKBONES, Classifier, build_model
 from common.training import TrainConfig, batch_to_device, run_steps, train_classifier
 
-EmbedOracle = Callable[[np.ndarray], np.ndarray]
 
-
-class RRMParams(BaseModel):
+class RRMParams(AttackParams):
     """The student, its training, the RRM weights and the PGD-AT reference's attack."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = Field("small_resnet", description="the student's backbone (another architecture)")
     epochs: int = Field(10, ge=1)
@@ -55,13 +55,12 @@ class RRMParams(BaseModel):
     at_step_size: float = Field(0.025, gt=0)
     at_steps: int = Field(5, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
-    seed: int = 0
 
     @field_validator("architecture")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in list_backbones():
-            raise ValueError(f"unknown student architecture {value!r}; known: {list_backbones()}")
+        if value not in BACKBONES.names():
+            raise ValueError(f"unknown student architecture {value!r}; known: {BACKBONES.names()}")
         return value
 
     def train_config(self, device: torch.device) -> TrainConfig:
@@ -108,14 +107,15 @@ class StudentRun:
     seconds: float
 
 
-class RobustRepresentationMatching:
+@ATTACKS.register
+class RobustRepresentationMatching(Attack):
     """Query the victim's representations once, then match them (see the module docstring)."""
 
     name = "rrm"
     paper = "Vaishnavi et al., Robust Representation Matching, USENIX Security 2022"
-
-    def __init__(self, params: RRMParams | dict[str, object] | None = None) -> None:
-        self.params = params if isinstance(params, RRMParams) else RRMParams.model_validate(params or {})
+    family: ClassVar[str] = "robustness"
+    Params = RRMParams
+    params: RRMParams
 
     def choose_samples(self, pool: ImageData, budget: int) -> ImageData:
         """``min(budget, pool)`` labelled images, a seeded random choice."""
@@ -133,8 +133,8 @@ class RobustRepresentationMatching:
                 "classifier",
                 self.params.architecture,
                 data.channels,
-                [0.5] * data.channels,
-                [0.5] * data.channels,
+                [SURROGATE_MEAN] * data.channels,
+                [SURROGATE_STD] * data.channels,
                 num_classes=len(data.classes),
                 feature_dim=feature_dim,
             )

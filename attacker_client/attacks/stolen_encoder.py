@@ -28,9 +28,9 @@ from attacker_client.attacks.base import (
     EncoderAttackParams,
     StealingResult,
     ViewPreset,
-    register_attack,
     view_generator,
 )
+from attacker_client.attacks.contract import ATTACKS
 from common.datasets import ImageData
 from common.devices import autocast
 from common.training import batch_to_device
@@ -51,7 +51,7 @@ def embedding_distance(z: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Ten
     return -F.cosine_similarity(z.float(), y.float(), dim=1).mean()
 
 
-@register_attack
+@ATTACKS.register
 class StolenEncoder(EncoderAttack):
     """One clean query per sample; match clean and augmented surrogate embeddings to it."""
 

@@ -1,5 +1,5 @@
 """Uncertainty-quantification methods for ensemble stealing (Pape et al., ESANN 2023), one per file,
-registered by name (``build_uq_method("swag", {...})``):
+registered by name in ``UQ_METHODS`` (``UQ_METHODS.build("swag", {...})``):
 
 - ``deep_ensemble``: independent members (Lakshminarayanan et al., NeurIPS 2017)
 - ``mc_dropout``: dropout masks at prediction (Gal & Ghahramani, ICML 2016)
@@ -9,31 +9,18 @@ registered by name (``build_uq_method("swag", {...})``):
 """
 
 from attacker_client.uq import bbb, deep_ensemble, laplace, mc_dropout, swag
-from attacker_client.uq.base import (
-    Monitor,
-    UQMethod,
-    UQParams,
-    build_uq_method,
-    diversity,
-    list_uq_methods,
-    member_probabilities,
-    register_uq_method,
-    uq_method_class,
-)
+from attacker_client.uq.base import UQ_METHODS, Monitor, UQMethod, UQParams, diversity, member_probabilities
 
 __all__ = [
+    "UQ_METHODS",
     "Monitor",
     "UQMethod",
     "UQParams",
     "bbb",
-    "build_uq_method",
     "deep_ensemble",
     "diversity",
     "laplace",
-    "list_uq_methods",
     "mc_dropout",
     "member_probabilities",
-    "register_uq_method",
     "swag",
-    "uq_method_class",
 ]

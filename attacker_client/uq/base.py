@@ -1,4 +1,5 @@
-"""The contract of an uncertainty-quantification (UQ) method for ensemble stealing, and its registry.
+"""The contract of an uncertainty-quantification (UQ) method for ensemble stealing, and its registry
+(:data:`UQ_METHODS`).
 
 Pape et al. (ESANN 2023, "On the Limitations of Model Stealing with Uncertainty Quantification
 Models") steal a classifier with several *possible surrogate networks* and combine their
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from common.models import Classifier
+from common.registry import Configurable, Params, Registry
 
 if TYPE_CHECKING:
     from attacker_client.attacks.classifier import ClassifierAttack, TransferSet
@@ -100,22 +101,15 @@ class Monitor:
         )
 
 
-class UQParams(BaseModel):
+class UQParams(Params):
     """Parameters of a UQ method (each method adds its own)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
+class UQMethod(Configurable, abc.ABC):
+    """A way to get ``members`` possible surrogates out of one transfer set (parameters declared in
+    :attr:`Params`, checked at construction)."""
 
-class UQMethod(abc.ABC):
-    """A way to get ``members`` possible surrogates out of one transfer set."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
     Params: ClassVar[type[UQParams]] = UQParams
-
-    def __init__(self, params: BaseModel | dict[str, Any] | None = None, **overrides: Any) -> None:
-        base = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
-        self.params = self.Params.model_validate({**base, **overrides})
 
     @abc.abstractmethod
     def train(
@@ -157,30 +151,5 @@ class UQMethod(abc.ABC):
         return hook
 
 
-_METHODS: dict[str, type[UQMethod]] = {}
-
-
-def register_uq_method(cls: type[UQMethod]) -> type[UQMethod]:
-    """Class decorator: register a UQ method under its ``name``."""
-    if cls.name in _METHODS:
-        raise ValueError(f"UQ method {cls.name!r} is already registered")
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def list_uq_methods() -> list[str]:
-    """Names of every registered UQ method."""
-    return sorted(_METHODS)
-
-
-def uq_method_class(name: str) -> type[UQMethod]:
-    """The UQ method registered as ``name`` (``-`` and ``_`` alike)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _METHODS:
-        raise ValueError(f"unknown UQ method {name!r}; known: {', '.join(list_uq_methods())}")
-    return _METHODS[key]
-
-
-def build_uq_method(name: str, params: dict[str, Any] | None = None) -> UQMethod:
-    """Build the UQ method ``name`` with ``params`` (validated)."""
-    return uq_method_class(name)(params or {})
+# Every UQ method by name: ``@UQ_METHODS.register``; ``UQ_METHODS.build("swag", {...})``.
+UQ_METHODS = Registry[type[UQMethod]]("UQ method")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from attacker_client.uq.base import Monitor, UQMethod, UQParams, register_uq_method
+from attacker_client.uq.base import UQ_METHODS, Monitor, UQMethod, UQParams
 from common.models import Classifier
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> to
     ).sum()
 
 
-@register_uq_method
+@UQ_METHODS.register
 class BayesByBackprop(UQMethod):
     """Mean-field variational weights; each weight sample one member."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attacker_client.uq.base import Monitor, UQMethod, member_probabilities, register_uq_method
+from attacker_client.uq.base import UQ_METHODS, Monitor, UQMethod, member_probabilities
 from common.models import Classifier
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def member_devices(device: torch.device, members: int) -> list[torch.device]:
     return [device] * members
 
 
-@register_uq_method
+@UQ_METHODS.register
 class DeepEnsemble(UQMethod):
     """``M`` independently trained surrogates."""
 

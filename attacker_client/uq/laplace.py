@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field
 
-from attacker_client.uq.base import PREDICT_BATCH, Monitor, UQMethod, UQParams, register_uq_method
+from attacker_client.uq.base import PREDICT_BATCH, UQ_METHODS, Monitor, UQMethod, UQParams
 from common.models import Classifier
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def with_head(model: Classifier, theta: torch.Tensor) -> Classifier:
     return member
 
 
-@register_uq_method
+@UQ_METHODS.register
 class LastLayerLaplace(UQMethod):
     """Gaussian over the head's weights around the MAP; each head sample one member."""
 

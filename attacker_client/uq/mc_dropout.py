@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from attacker_client.uq.base import Monitor, UQMethod, UQParams, register_uq_method
+from attacker_client.uq.base import UQ_METHODS, Monitor, UQMethod, UQParams
 from common.models import Classifier
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def masked_member(model: Classifier, mask: torch.Tensor, p: float) -> Classifier
     return member
 
 
-@register_uq_method
+@UQ_METHODS.register
 class MCDropout(UQMethod):
     """Dropout at training and at prediction; each mask one member."""
 

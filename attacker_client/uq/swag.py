@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from attacker_client.uq.base import Monitor, UQMethod, UQParams, register_uq_method
+from attacker_client.uq.base import UQ_METHODS, Monitor, UQMethod, UQParams
 from common.models import Classifier
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def recompute_batchnorm(model: Classifier, images: torch.Tensor, batch_size: int
     model.train(was_training)
 
 
-@register_uq_method
+@UQ_METHODS.register
 class SWAG(UQMethod):
     """Gaussian over weights from the SGD trajectory (diagonal + low rank)."""
 

@@ -1,16 +1,27 @@
-"""Stateful detectors of extraction query streams (state in Redis, shared by every worker)."""
+"""Stateful detectors of extraction query streams (state in Redis, shared by every worker): the
+contract and registry in ``base.py`` (:class:`Detector`, :data:`DETECTORS`), one detector per file,
+registered by name on import:
 
-from defenses.detectors.prada import PRADA, Detection, PRADAParams
+- ``prada``: PRADA (Juuti et al., EuroS&P 2019)
+"""
 
-DETECTORS = {PRADA.name: PRADA}
+from defenses.detectors import prada
+from defenses.detectors.base import (
+    DETECTORS,
+    Detection,
+    Detector,
+    DetectorParams,
+    build_detector,
+)
+from defenses.detectors.prada import PRADA, PRADAParams
 
-
-def build_detector(spec: dict) -> PRADA:
-    """A detector from ``{"name": "prada", **params}``."""
-    name = str(spec.get("name", ""))
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name]({k: v for k, v in spec.items() if k != "name"})
-
-
-__all__ = ["DETECTORS", "PRADA", "Detection", "PRADAParams", "build_detector"]
+__all__ = [
+    "DETECTORS",
+    "PRADA",
+    "Detection",
+    "Detector",
+    "DetectorParams",
+    "PRADAParams",
+    "build_detector",
+    "prada",
+]

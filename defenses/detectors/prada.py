@@ -38,21 +38,19 @@ key is flagged in its usage (``GET /v1/usage``, the admin API and the audit stre
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import secrets
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from scipy import stats
 
-from defenses.base import DefenseParams, DefensePipeline, ModelKind
+from defenses.detectors.base import DETECTORS, Detection, Detector, DetectorParams
 from defenses.state import DefenseStore
 
 RELEASE_LOCK = """
@@ -60,39 +58,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-FLAG = "extraction_suspected"
 
-
-class PRADAParams(DefenseParams):
+class PRADAParams(DetectorParams):
     delta: float = Field(0.95, gt=0, lt=1, description="Shapiro-Wilk threshold: W < delta flags the key")
     min_distances: int = Field(100, ge=3, description="distances needed before testing")
     window: int = Field(5000, ge=3, le=5000, description="most recent distances kept and tested")
     max_set_size: int = Field(
         5000, ge=1, description="members kept per growing set G_c (the oldest evicted past it)"
     )
-    action: Literal["flag", "refuse", "defend"] = Field(
-        "flag", description="on detection: only flag, refuse with 403, or serve through defend_with"
-    )
-    defend_with: list[dict[str, Any]] = Field(
-        default_factory=list, description="pipeline for flagged keys (action=defend)"
-    )
     lock_timeout_s: float = Field(30.0, gt=0, description="per-key lock expiry")
-
-    @model_validator(mode="after")
-    def _defend(self) -> PRADAParams:
-        if self.action == "defend" and not self.defend_with:
-            raise ValueError("action 'defend' needs a defend_with pipeline")
-        return self
-
-
-@dataclass(frozen=True)
-class Detection:
-    """The detector's state for one key after a request."""
-
-    distances: int
-    w: float | None
-    flagged: bool
-    newly_flagged: bool
 
 
 def shapiro_w(distances: np.ndarray) -> float:
@@ -206,36 +180,27 @@ def _append_rows(rows: torch.Tensor, new: torch.Tensor, keep: int) -> torch.Tens
     return torch.cat([rows, new])[-keep:]
 
 
-class PRADA:
+@DETECTORS.register
+class PRADA(Detector):
     """The detector: parameters checked at construction, state in a :class:`DefenseStore`."""
 
     name = "prada"
     paper = "Juuti et al., PRADA, EuroS&P 2019"
     Params = PRADAParams
+    params: PRADAParams
     CACHE_BYTES = 256 * 2**20  # growing sets a worker keeps in memory (uint8 rows), in all
 
     def __init__(self, params: PRADAParams | dict[str, Any] | None = None, **overrides: Any) -> None:
-        base = params.model_dump() if isinstance(params, PRADAParams) else dict(params or {})
-        self.params = PRADAParams.model_validate({**base, **overrides})
-        self.fallback: DefensePipeline | None = None
+        super().__init__(params, **overrides)
         self._sets: OrderedDict[str, CachedSet] = OrderedDict()
         self._cached_bytes = 0
 
     def __repr__(self) -> str:
         return f"prada(delta={self.params.delta}, action={self.params.action!r})"
 
-    def check(self, kind: ModelKind) -> None:
-        """Build the ``defend_with`` pipeline for this kind of model (a bad spec stops startup)."""
-        if self.params.action == "defend":
-            self.fallback = DefensePipeline.from_specs(self.params.defend_with, kind)
-
     # Redis keys of one (API key, model).
     def _key(self, store: DefenseStore, key_id: str, model: str, *parts: str) -> str:
         return store.key(key_id, "prada", model, *parts)
-
-    async def flag_of(self, store: DefenseStore, key_id: str, model: str) -> dict[str, Any] | None:
-        raw = await store.redis.hget(store.flags_key(key_id), model)
-        return None if raw is None else json.loads(raw)
 
     async def _lock(self, store: DefenseStore, key_id: str, model: str) -> tuple[str, str]:
         name, token = self._key(store, key_id, model, "lock"), secrets.token_hex(8)
@@ -415,17 +380,9 @@ class PRADA:
         flag = await self.flag_of(store, key_id, model)
         newly = False
         if flag is None and w is not None and w < p.delta:
-            record = {
-                "flag": FLAG,
-                "detector": self.name,
-                "w": w,
-                "delta": p.delta,
-                "distances": total,
-                "at": time.time(),
-                "action": p.action,
-            }
-            newly = bool(await store.redis.hsetnx(store.flags_key(key_id), model, json.dumps(record)))
-            flag = record
+            flag, newly = await self.raise_flag(
+                store, key_id, model, {"w": w, "delta": p.delta, "distances": total}
+            )
         return Detection(distances=total, w=w, flagged=flag is not None, newly_flagged=newly)
 
     async def state(self, store: DefenseStore, key_id: str, model: str) -> dict[str, Any]:

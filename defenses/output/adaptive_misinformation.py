@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 if TYPE_CHECKING:
     from common.checkpoints import ModelCard
@@ -56,7 +56,7 @@ def misinformation_weight(s: torch.Tensor, tau: float, nu: float) -> torch.Tenso
     return torch.sigmoid(nu * (tau - s))
 
 
-@register_defense
+@DEFENSES.register
 class AdaptiveMisinformation(OutputDefense):
     """Blend in misinformation where the maximum softmax probability says out of distribution."""
 

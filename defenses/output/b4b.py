@@ -40,11 +40,12 @@ import hmac
 import math
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 from defenses.output.probability_noise import draw_noise
 from defenses.state import DefenseStore
 
@@ -90,7 +91,7 @@ def lsh_buckets(embeddings: torch.Tensor, hyperplanes: torch.Tensor) -> list[int
     return (bits * weights).sum(dim=1).tolist()
 
 
-@register_defense
+@DEFENSES.register
 class B4B(OutputDefense):
     """Coverage-priced noise plus a per-key affine map; coverage kept in Redis."""
 
@@ -170,6 +171,10 @@ class B4B(OutputDefense):
         """Occupied buckets and coverage of one key (for usage and the admin API)."""
         occupied = int(await store.redis.bitcount(self.state_key(store, key_id, model)))
         return {"occupied_buckets": occupied, "buckets": self.buckets, "coverage": occupied / self.buckets}
+
+    async def key_state(self, store: DefenseStore, key_id: str, model: str) -> dict[str, Any]:
+        """The key's coverage (:meth:`coverage`): what the admin API shows."""
+        return await self.coverage(store, key_id, model)
 
     async def observe(self, outputs: torch.Tensor, context: DefenseContext, store: DefenseStore) -> None:
         buckets = lsh_buckets(outputs, self.hyperplanes(context, outputs.shape[1]))

@@ -14,7 +14,7 @@ import math
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 from defenses.output.probability_noise import draw_noise
 
 
@@ -23,7 +23,7 @@ class EmbeddingNoiseParams(DefenseParams):
     relative: bool = Field(True, description="sigma in units of the embedding's RMS value")
 
 
-@register_defense
+@DEFENSES.register
 class EmbeddingNoise(OutputDefense):
     """``e + N(0, sigma^2)`` per dimension."""
 

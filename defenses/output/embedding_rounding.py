@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class EmbeddingRoundingParams(DefenseParams):
@@ -20,7 +20,7 @@ class EmbeddingRoundingParams(DefenseParams):
     )
 
 
-@register_defense
+@DEFENSES.register
 class EmbeddingRounding(OutputDefense):
     """``round(e, decimals)`` or ``step * round(e / step)``."""
 

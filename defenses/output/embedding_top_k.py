@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class EmbeddingTopKParams(DefenseParams):
     k: int = Field(64, ge=1, description="coordinates kept per embedding")
 
 
-@register_defense
+@DEFENSES.register
 class EmbeddingTopK(OutputDefense):
     """Zero all but the ``k`` largest-magnitude coordinates."""
 

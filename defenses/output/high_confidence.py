@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class HighConfidenceParams(DefenseParams):
@@ -18,7 +18,7 @@ class HighConfidenceParams(DefenseParams):
     renormalise: bool = Field(True, description="rescale the kept probabilities to sum 1")
 
 
-@register_defense
+@DEFENSES.register
 class HighConfidence(OutputDefense):
     """Zero the probabilities under ``cutoff`` (never the arg-max)."""
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from defenses.base import DefenseContext, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, OutputDefense
 
 
-@register_defense
+@DEFENSES.register
 class LabelOnly(OutputDefense):
     """Probabilities -> one-hot of their arg-max."""
 

@@ -35,7 +35,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 if TYPE_CHECKING:
     from common.checkpoints import ModelCard
@@ -121,7 +121,7 @@ def step_towards(
     return y + alpha[:, None] * direction
 
 
-@register_defense
+@DEFENSES.register
 class MAD(OutputDefense):
     """Maximise the angular deviation of the attacker's gradient within ``||y~ - y||_p <= epsilon``."""
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class ProbabilityNoiseParams(DefenseParams):
@@ -35,7 +35,7 @@ def draw_noise(
     return context.per_sample(salt, draw)
 
 
-@register_defense
+@DEFENSES.register
 class ProbabilityNoise(OutputDefense):
     """``p + noise``, clipped at 0 and renormalised (the arg-max stays when every entry would be 0)."""
 

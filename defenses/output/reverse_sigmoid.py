@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 CLIP = 1e-9
 
@@ -34,7 +34,7 @@ def reverse_sigmoid(p: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     return torch.where(total > 0, q / total.clamp_min(1e-30), p)
 
 
-@register_defense
+@DEFENSES.register
 class ReverseSigmoid(OutputDefense):
     """Probabilities minus a reverse-sigmoid perturbation, renormalised."""
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class RoundingParams(DefenseParams):
     decimals: int = Field(3, ge=0, le=8, description="decimal places kept")
 
 
-@register_defense
+@DEFENSES.register
 class Rounding(OutputDefense):
     """``round(p, decimals)``."""
 

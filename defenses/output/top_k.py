@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, register_defense
+from defenses.base import DEFENSES, DefenseContext, DefenseParams, OutputDefense
 
 
 class TopKParams(DefenseParams):
@@ -18,7 +18,7 @@ class TopKParams(DefenseParams):
     renormalise: bool = Field(True, description="rescale the kept probabilities to sum 1")
 
 
-@register_defense
+@DEFENSES.register
 class TopK(OutputDefense):
     """Zero all but the ``k`` largest probabilities."""
 

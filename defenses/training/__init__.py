@@ -1,4 +1,4 @@
-"""Training-time defenses of a victim classifier, one per file, registered by name:
+"""Training-time defenses of a victim classifier, one per file, registered by name in ``TEACHER_DEFENSES``:
 
 - ``ast``: Adversarial Sparse Teacher (Yilmaz & Keles, arXiv 2403.05181)
 - ``nasty``: Nasty Teacher (Ma et al., ICLR 2021)
@@ -6,21 +6,13 @@
 """
 
 from defenses.training import ast, nasty, stingy
-from defenses.training.base import (
-    TeacherDefense,
-    TeacherDefenseParams,
-    build_teacher_defense,
-    list_teacher_defenses,
-    register_teacher_defense,
-)
+from defenses.training.base import TEACHER_DEFENSES, TeacherDefense, TeacherDefenseParams
 
 __all__ = [
+    "TEACHER_DEFENSES",
     "TeacherDefense",
     "TeacherDefenseParams",
     "ast",
-    "build_teacher_defense",
-    "list_teacher_defenses",
     "nasty",
-    "register_teacher_defense",
     "stingy",
 ]

@@ -28,7 +28,7 @@ from common.datasets import ImageData
 from common.devices import autocast
 from common.models import Classifier
 from common.training import TrainConfig, batch_to_device, run_steps
-from defenses.training.base import TeacherDefense, TeacherDefenseParams, register_teacher_defense
+from defenses.training.base import TEACHER_DEFENSES, TeacherDefense, TeacherDefenseParams
 
 ADVERSARIAL_BATCH = 256
 
@@ -90,7 +90,7 @@ def adversarial_set(
     return torch.cat(out)
 
 
-@register_teacher_defense
+@TEACHER_DEFENSES.register
 class AdversarialSparseTeacher(TeacherDefense):
     """A teacher trained towards the baseline's sparse adversarial logits."""
 

@@ -17,7 +17,7 @@ from common.datasets import ImageData
 from common.devices import autocast
 from common.models import Classifier
 from common.training import TrainConfig, batch_to_device, run_steps
-from defenses.training.base import TeacherDefense, TeacherDefenseParams, register_teacher_defense
+from defenses.training.base import TEACHER_DEFENSES, TeacherDefense, TeacherDefenseParams
 
 
 class NastyParams(TeacherDefenseParams):
@@ -41,7 +41,7 @@ def nasty_loss(
     return F.cross_entropy(logits.float(), labels) - omega * temperature**2 * kl
 
 
-@register_teacher_defense
+@TEACHER_DEFENSES.register
 class NastyTeacher(TeacherDefense):
     """Accurate labels, softened outputs pushed away from a normal network's."""
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from common.datasets import ImageData
 from common.models import Classifier
 from common.training import TrainConfig
-from defenses.training.base import TeacherDefense, TeacherDefenseParams, register_teacher_defense
+from defenses.training.base import TEACHER_DEFENSES, TeacherDefense, TeacherDefenseParams
 
 
 class StingyParams(TeacherDefenseParams):
@@ -26,7 +26,7 @@ class StingyParams(TeacherDefenseParams):
     k: int = Field(2, ge=1, description="top-k outputs served")
 
 
-@register_teacher_defense
+@TEACHER_DEFENSES.register
 class StingyTeacher(TeacherDefense):
     """The baseline, served sparse."""
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from defenses.output.b4b import B4B
 from server.deps import AccountingDep, AdminDep, DefenseStoreDep, KeyStoreDep, RegistryDep
 from server.errors import InvalidInputError, NotFoundError
 from server.keys import CreatedKey, KeyRecord, KeySpec
@@ -61,7 +60,10 @@ async def audit(
     return await accounting.audit_events(key_id, count)
 
 
-@router.get("/keys/{key_id}/defenses", summary="A key's defense state: B4B coverage, PRADA statistics, flags")
+@router.get(
+    "/keys/{key_id}/defenses",
+    summary="A key's defense state: each stateful defense's and the detector's, by name, and its flags",
+)
 async def defense_state(
     key_id: str, keys: KeyStoreDep, registry: RegistryDep, store: DefenseStoreDep
 ) -> dict[str, Any]:
@@ -72,10 +74,11 @@ async def defense_state(
         served = registry.models[name]
         state: dict[str, Any] = {}
         for defense in {id(d): d for p in served.defenses.values() for d in p.defenses}.values():
-            if isinstance(defense, B4B):
-                state["b4b"] = await defense.coverage(store, key_id, name)
+            shown = await defense.key_state(store, key_id, name)
+            if shown is not None:
+                state[defense.name] = shown
         if served.detector is not None:
-            state["prada"] = await served.detector.state(store, key_id, name)
+            state[served.detector.name] = await served.detector.state(store, key_id, name)
         if state:
             models[name] = state
     return {"key_id": key_id, "models": models, "flags": await store.flags(key_id)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacker_client.attacks import build_attack, list_attacks
+from attacker_client.attacks import ATTACKS, build_attack
 from attacker_client.attacks.base import EncoderAttack, view_generator
 from attacker_client.attacks.rda import RDA, build_prototypes
 from common.datasets import make_synthetic
@@ -42,11 +42,22 @@ CPU = torch.device("cpu")
 TINY = {"epochs": 2, "batch_size": 8, "max_steps": 3}
 
 
-def test_registry_lists_the_four_attacks_and_rejects_unknowns() -> None:
-    assert list_attacks() == ["cont_steal", "conventional", "rda", "stolen_encoder"]
-    assert isinstance(build_attack("stolen-encoder"), EncoderAttack)
+def test_one_registry_holds_every_family_and_rejects_unknowns() -> None:
+    families = {name: cls.family for name, cls in ATTACKS.items()}
+    assert families == {
+        "cont_steal": "encoder",
+        "conventional": "encoder",
+        "rda": "encoder",
+        "stolen_encoder": "encoder",
+        "knockoff": "classifier",
+        "ensemble": "classifier",
+        "rrm": "robustness",
+    }
+    assert isinstance(build_attack("stolen-encoder", {}, EncoderAttack), EncoderAttack)
     with pytest.raises(ValueError, match="unknown attack"):
         build_attack("nope")
+    with pytest.raises(ValueError, match="knockoff is an attack of the classifier family"):
+        build_attack("knockoff", {}, EncoderAttack)
 
 
 def test_parameters_are_validated_at_construction() -> None:

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from attacker_client.attacks import ClassifierAttack, build_attack
 from attacker_client.attacks.classifier import (
     ClassifierOracle,
     TransferSet,
     answers_to_targets,
-    build_classifier_attack,
     distillation_loss,
 )
-from attacker_client.uq import Monitor, diversity, list_uq_methods, member_probabilities
+from attacker_client.uq import UQ_METHODS, Monitor, diversity, member_probabilities
 from attacker_client.uq.bbb import gaussian_kl
 from attacker_client.uq.laplace import last_layer_ggn, tune_prior_precision
 from attacker_client.uq.mc_dropout import masked_member
@@ -110,24 +110,26 @@ def test_distillation_loss_against_reference_formulas() -> None:
 
 def test_transfer_set_is_seeded_and_class_balanced_when_asked() -> None:
     pool = make_synthetic(300, classes=10, seed=1)
-    random_a = build_classifier_attack("knockoff", {"seed": 3}).choose_samples(pool, 50)
-    random_b = build_classifier_attack("knockoff", {"seed": 3}).choose_samples(pool, 50)
+    random_a = build_attack("knockoff", {"seed": 3}).choose_samples(pool, 50)
+    random_b = build_attack("knockoff", {"seed": 3}).choose_samples(pool, 50)
     assert torch.equal(random_a.images, random_b.images)
-    balanced = build_classifier_attack("knockoff", {"sampling": "class_balanced"}).choose_samples(pool, 50)
+    balanced = build_attack("knockoff", {"sampling": "class_balanced"}).choose_samples(pool, 50)
     assert torch.bincount(balanced.labels, minlength=10).tolist() == [5] * 10
     with pytest.raises(ValueError, match="at least 2"):
-        build_classifier_attack("knockoff").choose_samples(pool, 1)
+        build_attack("knockoff").choose_samples(pool, 1)
 
 
 def test_parameters_are_checked_at_construction() -> None:
     with pytest.raises(ValidationError, match="unknown UQ method"):
-        build_classifier_attack("ensemble", {"method": "bagging"})
+        build_attack("ensemble", {"method": "bagging"})
     with pytest.raises(ValidationError, match="p"):
-        build_classifier_attack("ensemble", {"method": "mc_dropout", "method_params": {"p": 1.5}})
+        build_attack("ensemble", {"method": "mc_dropout", "method_params": {"p": 1.5}})
     with pytest.raises(ValidationError, match="temperature"):
-        build_classifier_attack("knockoff", {"temperature": 0})
-    with pytest.raises(ValueError, match="unknown classifier attack"):
-        build_classifier_attack("jbda")
+        build_attack("knockoff", {"temperature": 0})
+    with pytest.raises(ValueError, match="unknown attack 'jbda'"):
+        build_attack("jbda")
+    with pytest.raises(ValueError, match="rda is an attack of the encoder family, not of the classifier"):
+        build_attack("rda", {}, ClassifierAttack)
 
 
 # -- reference formulas of the UQ pieces -------------------------------------------------------------
@@ -228,7 +230,7 @@ def transfer() -> tuple[Classifier, torch.Tensor]:
     return tiny_victim(), make_synthetic(120, seed=9).images
 
 
-@pytest.mark.parametrize("method", list_uq_methods())
+@pytest.mark.parametrize("method", UQ_METHODS.names())
 def test_each_uq_method_gives_distinct_members_a_distribution_and_repeats(
     method: str, transfer: tuple[Classifier, torch.Tensor]
 ) -> None:
@@ -236,7 +238,7 @@ def test_each_uq_method_gives_distinct_members_a_distribution_and_repeats(
     pool = make_synthetic(160, seed=5)
 
     def run() -> tuple[torch.Tensor, list[dict[str, object]]]:
-        attack = build_classifier_attack("ensemble", {**TINY, "method": method, "members": 3})
+        attack = build_attack("ensemble", {**TINY, "method": method, "members": 3})
         monitor = Monitor(held_out, None)
         result = attack.steal(oracle_of(victim), pool, 128, torch.device("cpu"), False, monitor)
         assert result.queries == result.samples == 128 and len(result.members) == 3
@@ -256,7 +258,7 @@ def test_each_uq_method_gives_distinct_members_a_distribution_and_repeats(
 def test_knockoff_learns_from_labels_only(transfer: tuple[Classifier, torch.Tensor]) -> None:
     victim, held_out = transfer
     reference = member_probabilities([victim], held_out)[0].argmax(1)
-    attack = build_classifier_attack("knockoff", {**TINY, "epochs": 6})
+    attack = build_attack("knockoff", {**TINY, "epochs": 6})
     monitor = Monitor(held_out, reference)
     result = attack.steal(
         oracle_of(victim, "label"), make_synthetic(400, seed=5), 400, torch.device("cpu"), False, monitor
@@ -267,7 +269,7 @@ def test_knockoff_learns_from_labels_only(transfer: tuple[Classifier, torch.Tens
 
 def test_transfer_set_holds_what_the_oracle_answered() -> None:
     victim = tiny_victim()
-    attack = build_classifier_attack("knockoff")
+    attack = build_attack("knockoff")
     samples = make_synthetic(10, seed=1)
     data = attack.query(oracle_of(victim), samples)
     assert isinstance(data, TransferSet) and len(data) == 10 and not data.hard_labels

@@ -56,8 +56,7 @@ def config(url: str, key: str, out: Path, store: Path, **overrides: object) -> C
         "out": out,
         "device": "cpu",
         "victim_checkpoint": store / "vic",
-        "test_size": 300,
-        "monitor_size": 100,
+        "evaluation": {"test_size": 300, "monitor_size": 100},
         "progress": False,
     }
     return ClassifierStealingConfig.model_validate({**fields, **overrides})
@@ -71,9 +70,9 @@ def test_label_only_and_top_k_keys_steal_end_to_end(redis_url: str, store: Path,
     with run_live_server(store, redis_url) as url, httpx.Client(base_url=url) as admin:
         _, label_headers = create_key(admin, budget=400, models=["vic"], tier="label")
         label = steal_classifier(config(url, key_of(label_headers), tmp_path / "label", store))
-        assert label["output"] == "label"  # auto: all a label-tier key may ask for
-        assert label["queries"]["planned"] == label["queries"]["spent"] == 300
-        assert label["evaluation"]["single"]["agreement"] > 0.5  # chance: 0.1
+        assert label.output == "label"  # auto: all a label-tier key may ask for
+        assert label.queries.planned == label.queries.spent == 300
+        assert label.evaluation.single.agreement > 0.5  # chance: 0.1
 
         # A label-tier key asking for probabilities is refused before a query is spent.
         with pytest.raises(ValueError, match="may not ask for 'probabilities'"):
@@ -98,13 +97,10 @@ def test_label_only_and_top_k_keys_steal_end_to_end(redis_url: str, store: Path,
                 params={**TINY, "output": "top_k", "top_k": 2},
             )
         )
-        assert top["output"] == "top_k" and top["queries"]["spent"] == 300
-        assert top["evaluation"]["single"]["agreement"] > 0.5
+        assert top.output == "top_k" and top.queries.spent == 300
+        assert top.evaluation.single.agreement > 0.5
         _, card = load_checkpoint(tmp_path / "top" / "surrogate")
-        assert (
-            card.kind == "classifier"
-            and card.metrics["agreement"] == top["evaluation"]["single"]["agreement"]
-        )
+        assert card.kind == "classifier" and card.metrics["agreement"] == top.evaluation.single.agreement
 
 
 def test_ensemble_over_http_learns_pays_once_and_reruns_for_free(
@@ -115,14 +111,15 @@ def test_ensemble_over_http_learns_pays_once_and_reruns_for_free(
     with run_live_server(store, redis_url) as url, httpx.Client(base_url=url) as admin:
         _, headers = create_key(admin, budget=300, models=["vic"])
         record = steal_classifier(config(url, key_of(headers), out, store, attack="ensemble", params=params))
-        assert record["method"] == "swag" and record["output"] == "probabilities"
-        assert record["queries"]["spent"] == record["queries"]["planned"] == 300  # once for 3 members
-        assert record["queries"]["key_remaining"] == 0
-        evaluation = record["evaluation"]
-        assert len(evaluation["members"]) == 3 and evaluation["combined"]["agreement"] > 0.5
-        assert 0 <= evaluation["combined"]["l1"] <= 2 and evaluation["combined"]["kl"] >= 0
-        assert [row["epoch"] for row in record["monitor"]] == [1, 2, 3, 4]
-        assert all(len(row["member_agreement"]) >= 1 for row in record["monitor"])
+        assert record.method == "swag" and record.output == "probabilities"
+        assert record.queries.spent == record.queries.planned == 300  # once for 3 members
+        assert record.queries.key_remaining == 0
+        evaluation = record.evaluation
+        assert len(evaluation.members) == 3 and evaluation.combined.agreement > 0.5
+        assert 0 <= evaluation.combined.l1 <= 2 and evaluation.combined.kl >= 0
+        assert record.success == evaluation.combined.agreement and record.is_ensemble
+        assert [row["epoch"] for row in record.monitor] == [1, 2, 3, 4]
+        assert all(len(row["member_agreement"]) >= 1 for row in record.monitor)
         assert (out / "diversity.png").stat().st_size > 1000
         assert sorted(p.name for p in (out / "members").iterdir()) == ["0", "1", "2"]
 
@@ -146,5 +143,6 @@ def test_ensemble_over_http_learns_pays_once_and_reruns_for_free(
         assert result.exit_code == 0, result.output
         again = json.loads((out / "result.json").read_text())
         assert again["queries"]["spent"] == 0 and again["queries"]["cache_hits"] == 300
-        assert again["evaluation"]["combined"] == evaluation["combined"]
+        assert again["family"] == "classifier"
+        assert again["evaluation"]["combined"] == evaluation.combined.model_dump()
         assert "combined (mean)" in result.output

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from attacker_client.attacks import build_attack
 from attacker_client.evaluate import EvalConfig
-from attacker_client.steal_encoder import EncoderStealingConfig, steal_encoder
+from attacker_client.steal_encoder import EncoderRunResult, EncoderStealingConfig, steal_encoder
 from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
 from common.datasets import make_synthetic
 from common.metrics import extract_features, linear_probe
@@ -75,14 +75,18 @@ def test_rda_over_http_learns_and_reruns_for_free(redis_url: str, tmp_path: Path
             progress=False,
         )
         record = steal_encoder(config)
-        assert record["samples"] == 50
-        assert record["queries"]["planned"] == record["queries"]["spent"] == record["queries"]["sent"] == 200
-        assert record["queries"]["key_used"] == 200 and record["queries"]["key_remaining"] == 56
-        evaluation = record["evaluation"]
-        assert set(evaluation["surrogate"]["synthetic"]) == {"linear_probe", "knn"}
-        assert evaluation["victim"] is not None and evaluation["untrained"] is not None
-        assert evaluation["fidelity"]["cosine"] > evaluation["untrained_fidelity"]["cosine"] + 0.15
-        assert json.loads((out / "result.json").read_text())["queries"]["spent"] == 200
+        assert isinstance(record, EncoderRunResult) and record.family == "encoder"
+        assert record.samples == 50
+        assert record.queries.planned == record.queries.spent == record.queries.sent == 200
+        assert record.queries.key_used == 200 and record.queries.key_remaining == 56
+        evaluation = record.evaluation
+        assert set(evaluation.surrogate["synthetic"]) == {"linear_probe", "knn"}
+        assert evaluation.victim is not None and evaluation.untrained is not None
+        assert evaluation.fidelity and evaluation.untrained_fidelity
+        assert evaluation.fidelity.cosine > evaluation.untrained_fidelity.cosine + 0.15
+        assert record.success == evaluation.fidelity.cosine  # what the range's report reads
+        written = EncoderRunResult.model_validate_json((out / "result.json").read_text())
+        assert written == record  # result.json is the typed result
 
         # The surrogate checkpoint loads back and beats an untrained encoder on a probe of what the
         # victim knows: labels are the argmax of a fixed random projection of the victim's embedding.

@@ -14,7 +14,7 @@ import torch
 
 from common import datasets as ds
 from common.compat import torchvision
-from common.datasets import ImageData, get_dataset, list_datasets, make_splits, make_synthetic
+from common.datasets import DATASETS, ImageData, get_dataset, make_splits, make_synthetic
 
 TV = torchvision.datasets
 
@@ -31,7 +31,7 @@ def _rng(seed: int = 0) -> np.random.Generator:
 
 
 def test_registry_lists_all_datasets():
-    names = list_datasets()
+    names = DATASETS.names()
     for name in ("fashion_mnist", "mnist5k", "cifar10", "cifar100", "svhn", "stl10", "synthetic"):
         assert name in names
 
@@ -39,7 +39,7 @@ def test_registry_lists_all_datasets():
 def test_unknown_dataset_lists_known_names():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'") as info:
         get_dataset("imagenet")
-    for name in list_datasets():
+    for name in DATASETS.names():
         assert name in str(info.value)
 
 
@@ -50,7 +50,7 @@ def test_unknown_split_rejected():
 
 def test_register_duplicate_rejected():
     with pytest.raises(ValueError, match="already registered"):
-        ds.register_dataset("synthetic")(lambda split, root, download: make_synthetic(1))
+        DATASETS.register(name="synthetic")(lambda split, root, download: make_synthetic(1))
 
 
 # --------------------------------------------------------------------------- ImageData
@@ -152,9 +152,10 @@ def _indices(data: ImageData) -> list[int]:
 
 
 @pytest.fixture
-def indexed(monkeypatch):
-    monkeypatch.setitem(ds._DATASETS, "indexed", _indexed_loader)
-    return "indexed"
+def indexed():
+    DATASETS.register(name="indexed")(_indexed_loader)
+    yield "indexed"
+    DATASETS.unregister("indexed")
 
 
 def test_make_splits_deterministic_disjoint(indexed):
@@ -497,3 +498,18 @@ def test_stl10_roundtrip(tmp_path, monkeypatch):
         assert np.array_equal(data.images.numpy(), images)
         assert data.labels.tolist() == labels
         assert data.classes == tuple(names)
+
+
+def test_a_data_root_holds_one_folder_per_dataset(tmp_path: Path) -> None:
+    """``--data-root`` / ``$STEALRANGE_DATA_ROOT`` names the parent of the datasets' folders; a
+    dataset's own folder still works as ``root``."""
+    own = tmp_path / "mnist5k"
+    own.mkdir()
+    rows = np.random.default_rng(0).integers(0, 256, (20, 784))
+    labels = np.arange(20) % 10
+    with gzip.open(own / "mnist_5k.csv.gz", "wt") as f:
+        for row, label in zip(rows, labels, strict=True):
+            f.write(",".join(map(str, [*row, label])) + "\n")
+    from_parent = get_dataset("mnist5k", "train", root=tmp_path)
+    from_own = get_dataset("mnist5k", "train", root=own)
+    assert torch.equal(from_parent.images, from_own.images) and len(from_parent) > 0

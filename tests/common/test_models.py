@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from common import models
 from common.models import (
+    BACKBONES,
     Backbone,
     Classifier,
     Encoder,
@@ -18,8 +18,6 @@ from common.models import (
     build_backbone,
     build_model,
     count_parameters,
-    list_backbones,
-    register_backbone,
 )
 
 
@@ -28,18 +26,18 @@ def scratch_name() -> Iterator[str]:
     """A backbone name that the test may register; removed from the registry afterwards."""
     name = "test_scratch_backbone"
     yield name
-    models._BACKBONES.pop(name, None)
+    BACKBONES.unregister(name)
 
 
 def test_builtin_backbones_are_registered():
-    names = list_backbones()
+    names = BACKBONES.names()
     assert "small_cnn" in names
     assert "resnet18" in names
     assert names == sorted(names)
 
 
 def test_register_and_build(scratch_name: str):
-    @register_backbone(scratch_name)
+    @BACKBONES.register(name=scratch_name)
     class Tiny(Backbone):
         def __init__(self, in_channels: int = 1, feature_dim: int = 4) -> None:
             super().__init__()
@@ -50,7 +48,7 @@ def test_register_and_build(scratch_name: str):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.pool(x).flatten(1))
 
-    assert scratch_name in list_backbones()
+    assert scratch_name in BACKBONES
     backbone = build_backbone(scratch_name, 3, feature_dim=6)
     assert isinstance(backbone, Tiny)
     assert backbone(torch.rand(2, 3, 8, 8)).shape == (2, 6)
@@ -59,18 +57,18 @@ def test_register_and_build(scratch_name: str):
 
 
 def test_double_registration_is_an_error():
-    before = dict(models._BACKBONES)
+    before = BACKBONES.items()
     with pytest.raises(ValueError, match="small_cnn"):
-        register_backbone("small_cnn")(SmallCNN)
-    assert before == models._BACKBONES
+        BACKBONES.register(name="small_cnn")(SmallCNN)
+    assert before == BACKBONES.items()
 
 
 def test_unknown_backbone_lists_known_names():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(ValueError) as info:
         build_backbone("no_such_net", 3)
     message = str(info.value)
     assert "no_such_net" in message
-    for name in list_backbones():
+    for name in BACKBONES.names():
         assert name in message
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import defenses.output  # noqa: F401  (registers the defenses)
-from defenses.base import DefenseContext, DefensePipeline, build_defense, image_digests, list_defenses
+from defenses.base import DEFENSES, DefenseContext, DefensePipeline, build_defense, image_digests
 
 CLASSIFIER_DEFENSES = [
     {"name": "label_only"},
@@ -44,7 +44,7 @@ probabilities = st.integers(1, 6).flatmap(
 
 
 def test_registry_knows_every_defense() -> None:
-    assert set(list_defenses()) >= {d["name"] for d in CLASSIFIER_DEFENSES + ENCODER_DEFENSES} | {"rounding"}
+    assert set(DEFENSES.names()) >= {d["name"] for d in CLASSIFIER_DEFENSES + ENCODER_DEFENSES} | {"rounding"}
     with pytest.raises(ValueError, match="unknown defense"):
         build_defense({"name": "nope"})
     with pytest.raises(pydantic.ValidationError):

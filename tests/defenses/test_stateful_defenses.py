@@ -16,8 +16,8 @@ import torch
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from defenses.base import DefenseContext, image_digests
-from defenses.detectors import PRADA, build_detector
+from defenses.base import DefenseContext, build_defense, image_digests
+from defenses.detectors import DETECTORS, PRADA, Detection, Detector, build_detector
 from defenses.detectors import prada as prada_module
 from defenses.detectors.prada import prada_reference, shapiro_w
 from defenses.output.b4b import B4B, lsh_buckets, noise_scale
@@ -97,6 +97,25 @@ def test_b4b_coverage_is_exact_and_sequential(backend: str | None) -> None:
     assert bob["occupied_buckets"] == 1  # state is per key
 
 
+def test_key_state_is_part_of_the_defense_contract() -> None:
+    """The admin API reads a defense's per-key state through ``key_state`` alone: B4B's coverage,
+    None for a stateless defense."""
+    b4b, top_k = B4B(n_bits=4, transform=False), build_defense({"name": "top_k", "k": 2})
+    x = torch.rand(3, 1, 4, 4)
+
+    async def body(store: DefenseStore) -> tuple[object, object, object]:
+        await b4b.observe(torch.randn(3, 8), context(x), store)
+        return (
+            await b4b.key_state(store, "alice", "enc"),
+            await b4b.coverage(store, "alice", "enc"),
+            await top_k.key_state(store, "alice", "enc"),
+        )
+
+    shown, coverage, stateless = with_store(None, body)
+    assert shown == coverage and shown is not None and shown["occupied_buckets"] >= 1
+    assert stateless is None
+
+
 def test_b4b_noise_grows_with_coverage_and_transforms_are_per_key() -> None:
     b4b = B4B(alpha=0.1, lam=5.0, shift=0.5)
     g = torch.Generator().manual_seed(0)
@@ -159,8 +178,9 @@ def test_prada_params() -> None:
         PRADA(action="defend")
     with pytest.raises(ValidationError):
         PRADA(delta=1.5)
-    with pytest.raises(ValueError, match="unknown detector"):
+    with pytest.raises(ValueError, match="unknown detector 'nope'; known: prada"):
         build_detector({"name": "nope"})
+    assert DETECTORS.get("PRADA") is PRADA and isinstance(build_detector({"name": "prada"}), Detector)
     detector = build_detector({"name": "prada", "action": "defend", "defend_with": [{"name": "label_only"}]})
     detector.check("classifier")
     assert detector.fallback is not None and repr(detector.fallback) == "label_only()"
@@ -168,6 +188,45 @@ def test_prada_params() -> None:
         build_detector({"name": "prada", "action": "defend", "defend_with": [{"name": "label_only"}]}).check(
             "encoder"
         )
+
+
+def test_a_new_detector_needs_only_the_contract() -> None:
+    """A toy detector registered on DETECTORS is built from a spec, checked, flags through
+    ``raise_flag`` and is read back by ``flag_of``, as the server does with any detector."""
+
+    class EveryQuery(Detector):
+        name = "every_query"
+
+        async def observe(
+            self, store: DefenseStore, key_id: str, model: str, inputs: torch.Tensor, classes: list[int]
+        ) -> Detection:
+            _, newly = await self.raise_flag(store, key_id, model, {"queries": len(inputs)})
+            return Detection(distances=len(inputs), w=None, flagged=True, newly_flagged=newly)
+
+        async def state(self, store: DefenseStore, key_id: str, model: str) -> dict[str, object]:
+            return {"flag": await self.flag_of(store, key_id, model)}
+
+    DETECTORS.register(EveryQuery)
+    try:
+        detector = build_detector(
+            {"name": "every-query", "action": "defend", "defend_with": [{"name": "top_k"}]}
+        )
+        detector.check("classifier")
+        assert detector.fallback is not None and detector.params.action == "defend"
+
+        async def body(store: DefenseStore) -> tuple[object, object, object, object]:
+            before = await detector.flag_of(store, "alice", "clf")
+            first = await detector.observe(store, "alice", "clf", torch.rand(2, 1, 4, 4), [0, 1])
+            second = await detector.observe(store, "alice", "clf", torch.rand(1, 1, 4, 4), [0])
+            return before, first, second, await detector.state(store, "alice", "clf")
+
+        before, first, second, state = with_store(None, body)
+        assert before is None and first.newly_flagged and not second.newly_flagged
+        flag = state["flag"]  # type: ignore[index]
+        assert flag["flag"] == "extraction_suspected" and flag["detector"] == "every_query"
+        assert flag["queries"] == 2 and flag["action"] == "defend"
+    finally:
+        DETECTORS.unregister("every_query")
 
 
 def test_shapiro_w() -> None:

@@ -16,19 +16,19 @@ from common.datasets import make_synthetic
 from common.metrics import accuracy
 from common.models import Classifier, build_model
 from common.training import TrainConfig, predict, train_classifier
-from defenses.training import build_teacher_defense, list_teacher_defenses
+from defenses.training import TEACHER_DEFENSES
 from defenses.training.ast import ast_loss, sparse_targets
 from defenses.training.nasty import nasty_loss
 from victims.recipes import VictimRecipe, recipe_for, train_victim
 
 
 def test_registry_and_parameters() -> None:
-    assert list_teacher_defenses() == ["ast", "nasty", "stingy"]
-    assert build_teacher_defense("ast").params.k == 2  # type: ignore[attr-defined]
+    assert TEACHER_DEFENSES.names() == ["ast", "nasty", "stingy"]
+    assert TEACHER_DEFENSES.build("ast").params.k == 2  # type: ignore[attr-defined]
     with pytest.raises(ValidationError):
-        build_teacher_defense("ast", {"alpha": 2})
+        TEACHER_DEFENSES.build("ast", {"alpha": 2})
     with pytest.raises(ValueError, match="unknown teacher defense"):
-        build_teacher_defense("kind")
+        TEACHER_DEFENSES.build("kind")
 
 
 def test_sparse_targets_keep_the_top_k_logits() -> None:
@@ -89,7 +89,7 @@ def test_ast_teacher_keeps_near_plain_accuracy_on_a_tiny_run() -> None:
 
     plain = fresh()
     train_classifier(plain, data, cfg, progress=False)
-    defense = build_teacher_defense("ast", {"steps": 3, "step_size": 0.1})
+    defense = TEACHER_DEFENSES.build("ast", {"steps": 3, "step_size": 0.1})
     teacher = defense.train(plain, fresh(), data, cfg, progress=False)
     plain_accuracy = accuracy(predict(plain, test.images), test.labels)
     teacher_accuracy = accuracy(predict(teacher, test.images), test.labels)
@@ -110,7 +110,7 @@ def test_ast_takes_the_adversarial_logits_in_eval_mode() -> None:
     assert isinstance(baseline, Classifier) and isinstance(fresh, Classifier)
     modes: list[bool] = []
     fresh.register_forward_pre_hook(lambda module, args: modes.append(module.training))
-    build_teacher_defense("ast", {"steps": 1, "step_size": 0.1}).train(
+    TEACHER_DEFENSES.build("ast", {"steps": 1, "step_size": 0.1}).train(
         baseline, fresh, data, cfg, progress=False
     )
     assert modes == [False, True] * 3  # per step: adversarial (eval), then clean (train)
@@ -134,7 +134,7 @@ def test_train_victim_with_a_teacher_defense(tmp_path: Path, name: str) -> None:
             "name": f"tiny-classifier-{name}",
             "defense": {
                 "name": name,
-                **build_teacher_defense(name, {"steps": 1} if name == "ast" else {}).params.model_dump(),
+                **TEACHER_DEFENSES.build(name, {"steps": 1} if name == "ast" else {}).params.model_dump(),
             },
         }
     )

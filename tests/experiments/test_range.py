@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
-from experiments.report import PLOTS, read_results
+from experiments.report import PLOTS
+from experiments.results import RESULTS_FILE, ResultsFormatError, read_results
 from experiments.runner import VICTIM_FILE, run_scenario
 from experiments.scenario import ScenarioError, load_scenario
 from stealrange.cli import app
@@ -61,12 +62,14 @@ def tiny_scenario(store: Path, **overrides: Any) -> dict[str, Any]:
         "query_set": "synthetic",
         "query_split": "train",
         "evaluation": {
-            "downstream": ["synthetic"],
-            "probe_train_size": 100,
-            "test_size": 50,
-            "fidelity_size": 20,
-            "probe_epochs": 2,
-            "mlp_probe": False,
+            "encoder": {
+                "downstream": ["synthetic"],
+                "probe_train_size": 100,
+                "test_size": 50,
+                "fidelity_size": 20,
+                "probe_epochs": 2,
+                "mlp_probe": False,
+            }
         },
         "defense_cost": {"images": 50, "probe_train_size": 100, "dataset": "synthetic"},
         "device": "cpu",
@@ -84,12 +87,14 @@ def test_tiny_scenario_end_to_end_and_resume(tiny_store: Path, tmp_path: Path) -
     scenario = load_scenario(write(tmp_path / "tiny.yaml", tiny_scenario(tiny_store)))
     run_dir = run_scenario(scenario, runs=tmp_path / "runs", progress=False)
     lines = read_results(run_dir)
-    assert len(lines) == 8 and all(line["status"] == "ok" for line in lines)
+    assert len(lines) == 8 and all(line.ok and line.family == "encoder" for line in lines)
     for line in lines:
-        assert line["queries"]["spent"] == line["key"]["used"] <= line["budget"]
-        assert line["audit"]["images"] == line["key"]["used"]  # the server's audit stream agrees
-        assert line["surrogate"]["synthetic"]["linear_probe"] >= 0 and line["fidelity"]["cosine"] is not None
-        assert line["versions"]["torch"] == torch.__version__ and line["seed"] == 0
+        result, key, audit = line.result, line.key, line.audit
+        assert key is not None and audit is not None
+        assert result.queries.spent == key.used <= line.budget
+        assert audit.images == key.used  # the server's audit stream agrees
+        assert result.evaluation.surrogate["synthetic"]["linear_probe"] >= 0 and result.success is not None
+        assert result.versions["torch"] == torch.__version__ and line.seed == result.params["seed"] == 0
     assert not (run_dir / VICTIM_FILE).exists()  # the victim process is gone
     report = (run_dir / "report.md").read_text()
     assert "| attack | none | noise |" in report and "Cost to honest users" in report
@@ -97,24 +102,33 @@ def test_tiny_scenario_end_to_end_and_resume(tiny_store: Path, tmp_path: Path) -
         assert (run_dir / plot).stat().st_size > 5_000
 
     # Rerun: every cell finished, nothing runs, nothing changes.
-    before = (run_dir / "results.jsonl").read_text()
+    before = (run_dir / RESULTS_FILE).read_text()
     run_scenario(scenario, runs=tmp_path / "runs", progress=False)
     assert (run_dir / "results.jsonl").read_text() == before
 
     # An unfinished cell runs again and finds its paid queries in its cache: they cost nothing.
     kept = [line for line in before.splitlines() if '"enc__noise__rda__80__s0"' not in line]
-    (run_dir / "results.jsonl").write_text("\n".join(kept) + "\n")
+    (run_dir / RESULTS_FILE).write_text("\n".join(kept) + "\n")
     run_scenario(scenario, runs=tmp_path / "runs", progress=False)
-    rerun = {line["cell"]: line for line in read_results(run_dir)}["enc__noise__rda__80__s0"]
-    assert (
-        rerun["queries"]["spent"] == 0 and rerun["queries"]["cache_hits"] == rerun["queries"]["planned"] > 0
-    )
+    rerun = {line.cell: line for line in read_results(run_dir)}["enc__noise__rda__80__s0"].result
+    assert rerun.queries.spent == 0 and rerun.queries.cache_hits == rerun.queries.planned > 0
 
     # The report rebuilds from results.jsonl alone.
     (run_dir / "report.md").unlink()
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert (run_dir / "report.md").read_text().startswith("# Range report: tiny")
+
+    # A results.jsonl from before typed results (lines without "family") is refused with what to do.
+    old = json.loads(before.splitlines()[0])
+    del old["family"]
+    (run_dir / RESULTS_FILE).write_text(json.dumps(old) + "\n")
+    with pytest.raises(ResultsFormatError, match=r"before results were typed.*--fresh"):
+        read_results(run_dir)
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2 and "--fresh" in result.output
+    with pytest.raises(ResultsFormatError, match="--fresh"):
+        run_scenario(scenario, runs=tmp_path / "runs", progress=False)
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tiny_store: Path, tmp_path: Path) -> None:
@@ -134,12 +148,13 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tiny_store: Path, tmp_pa
     run_dir = run_scenario(
         load_scenario(write(tmp_path / "s.yaml", scenario)), runs=tmp_path / "runs", progress=False
     )
-    lines = {line["defense"]: line for line in read_results(run_dir)}
+    lines = {line.defense: line for line in read_results(run_dir)}
     refused = lines["prada"]
-    assert refused["status"] == "failed" and refused["error_code"] == "extraction_suspected"
-    assert refused["flags"]["enc--prada"]["flag"] == "extraction_suspected"
-    assert 0 < refused["key"]["used"] < 400  # what it was served before the refusals, and no more
-    assert lines["none"]["status"] == "ok"  # the run went on
+    assert refused.status == "failed" and refused.error_code == "extraction_suspected"
+    assert refused.result is None and refused.family == "encoder"
+    assert refused.flags["enc--prada"].flag == "extraction_suspected"
+    assert refused.key is not None and 0 < (refused.key.used or 0) < 400  # served before the refusals
+    assert lines["none"].ok  # the run went on
     assert "extraction_suspected" in (run_dir / "report.md").read_text()
 
 
@@ -153,7 +168,14 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tiny_store: Path, tmp_pa
         ({"budgets": []}, "budgets"),
         ({"budgets": [0]}, "budgets must be >= 1"),
         ({"query_set": "imagenet"}, "unknown dataset 'imagenet'"),
-        ({"evaluation": {"probe_epochs": 0}}, "evaluation.probe_epochs"),
+        ({"evaluation": {"encoder": {"probe_epochs": 0}}}, "evaluation.encoder.probe_epochs"),
+        ({"evaluation": {"encoder": {"downstream": ["imagenet"]}}}, "evaluation.encoder.downstream"),
+        ({"evaluation": {"classifier": {"test_size": 1}}}, "evaluation.classifier.test_size"),
+        ({"evaluation": {"toy": {}}}, "unknown attack family 'toy'"),
+        # The layout from before the family registry fails with where the fields moved.
+        ({"evaluation": {"probe_epochs": 2}}, "moved under evaluation.encoder"),
+        ({"classifier_evaluation": {"test_size": 20}}, "classifier_evaluation moved under evaluation"),
+        ({"robustness_evaluation": {"test_size": 20}}, "write `evaluation: {robustness: {...}}`"),
         ({"rate": -1}, "rate"),
         ({"attackz": []}, "attackz"),
         ({"name": "Bad Name"}, "name"),
@@ -247,21 +269,22 @@ def test_classifier_scenario_end_to_end(tiny_store: Path, tmp_path: Path) -> Non
             },
         ],
         budgets=[48],
-        classifier_evaluation={"test_size": 60, "monitor_size": 20},
+        evaluation={"classifier": {"test_size": 60, "monitor_size": 20}},
         defense_cost={"images": 50, "dataset": "synthetic"},
     )
     run_dir = run_scenario(
         load_scenario(write(tmp_path / "clf.yaml", scenario)), runs=tmp_path / "runs", progress=False
     )
-    lines = {line["cell"]: line for line in read_results(run_dir)}
+    lines = {line.cell: line for line in read_results(run_dir)}
     assert sorted(lines) == sorted(
         f"clf__{d}__{a}__48__s0" for d in ("none", "top-1") for a in ("knockoff", "swag")
     )
     for line in lines.values():
-        assert line["status"] == "ok" and line["kind"] == "classifier"
-        assert line["queries"]["spent"] == line["key"]["used"] == 48
-        assert 0 <= line["surrogate"]["agreement"] <= 1 and line["victim_quality"]["accuracy"] >= 0
-    assert len(lines["clf__none__swag__48__s0"]["members"]) == 2
+        assert line.ok and line.family == "classifier" and line.key is not None
+        assert line.result.queries.spent == line.key.used == 48
+        assert 0 <= line.result.success <= 1 and line.result.victim_quality >= 0
+        assert line.result.evaluation.test_images == 60  # the scenario's classifier evaluation
+    assert len(lines["clf__none__swag__48__s0"].result.evaluation.members) == 2
     report = (run_dir / "report.md").read_text()
     assert "| attack | none | top-1 |" in report and "agr " in report and "| single | combined |" in report
     costs = json.loads((run_dir / "costs.json").read_text())
@@ -277,18 +300,20 @@ def test_robustness_stealing_in_the_range(tiny_store: Path, tmp_path: Path) -> N
         name="tiny-rrm",
         attacks=[{"attack": "rrm", "params": {"epochs": 1, "batch_size": 16, "at_steps": 1}}],
         budgets=[40],
-        robustness_evaluation={"test_size": 20, "eval_steps": 2},
+        evaluation={"robustness": {"test_size": 20, "eval_steps": 2}},
         defense_cost=None,
     )
     run_dir = run_scenario(
         load_scenario(write(tmp_path / "rrm.yaml", scenario)), runs=tmp_path / "runs", progress=False
     )
     lines = read_results(run_dir)
-    assert len(lines) == 2 and all(line["status"] == "ok" and line["kind"] == "robustness" for line in lines)
+    assert len(lines) == 2 and all(line.ok and line.family == "robustness" for line in lines)
     for line in lines:
-        assert line["queries"]["spent"] == line["key"]["used"] == 40
-        assert set(line["references"]) == {"pgd_at", "plain"} and 0 <= line["surrogate"]["pgd_accuracy"] <= 1
-        assert line["ratios"]["train_time_vs_pgd_at"] > 0
+        result = line.result
+        assert line.key is not None and result.queries.spent == line.key.used == 40
+        assert set(result.evaluation.students) == {"rrm", "pgd_at", "plain"} and 0 <= result.success <= 1
+        assert result.ratios is not None and result.ratios.train_time_vs_pgd_at > 0
+        assert result.evaluation.test_images == 20 and result.evaluation.steps == 2
     report = (run_dir / "report.md").read_text()
     assert "40: PGD " in report and "PGD-AT " in report
 
