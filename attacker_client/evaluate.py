@@ -10,7 +10,9 @@ As in the encoder-stealing papers (RDA, Wu et al., ECCV 2024; StolenEncoder, Liu
 - the same numbers for the victim (white-box, from its checkpoint: a reference outside the
   attacker's budget, never queried through the API) and the surrogate / victim ratio;
 - fidelity of the surrogate's embeddings to the victim's on held-out test images: mean cosine,
-  mean L2 distance, and L2 distance of the normalised embeddings.
+  mean L2 distance, and L2 distance of the normalised embeddings; and, unchanged by a per-key affine
+  map of the embeddings (B4B), linear CKA and the held-out R^2 of a linear map from the surrogate's
+  embeddings to the victim's (:func:`fidelity_of`).
 
 Every downstream set is adapted to the victim's input (channels, size) with
 :meth:`common.datasets.ImageData.adapt`. :class:`EvalConfig` is also the ``encoder`` family's
@@ -30,7 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.checkpoints import InputSpec
 from common.datasets import DATASETS, ImageData, get_dataset, make_splits
-from common.metrics import embedding_fidelity, extract_features, knn_accuracy, linear_probe, mlp_probe
+from common.metrics import (
+    embedding_fidelity,
+    extract_features,
+    knn_accuracy,
+    linear_cka,
+    linear_map_r2,
+    linear_probe,
+    mlp_probe,
+)
 from common.models import ImageModel
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -68,12 +78,28 @@ Scores = dict[str, dict[str, float]]
 
 
 class Fidelity(BaseModel):
-    """How close the surrogate's embeddings are to the victim's on held-out images
-    (:func:`common.metrics.embedding_fidelity`)."""
+    """How close the surrogate's embeddings are to the victim's on held-out images: row by row
+    (:func:`common.metrics.embedding_fidelity`: cosine, L2), and up to a change of space
+    (:func:`fidelity_of`): linear CKA and the R^2 of a linear map from the surrogate's embeddings to
+    the victim's (fitted on one half of the images, scored on the other). A defense that gives each
+    key its own affine map of the embeddings (B4B) lowers the first two, not the last two. ``cka``
+    and ``linear_r2`` are None in results written before they were measured."""
 
     cosine: float
     l2: float
     l2_normalised: float
+    cka: float | None = None
+    linear_r2: float | None = None
+
+
+def fidelity_of(surrogate: torch.Tensor, victim: torch.Tensor) -> Fidelity:
+    """:class:`Fidelity` of ``surrogate`` [N, D] to ``victim`` [N, D] embeddings of the same images
+    (R^2: least-squares map fitted on the first half, scored on the second)."""
+    return Fidelity(
+        **embedding_fidelity(surrogate, victim),
+        cka=linear_cka(surrogate, victim),
+        linear_r2=linear_map_r2(surrogate, victim) if surrogate.shape[0] >= 4 else None,
+    )
 
 
 class EncoderEvaluation(BaseModel):
@@ -85,6 +111,9 @@ class EncoderEvaluation(BaseModel):
     surrogate: Scores
     victim: Scores | None = None
     untrained: Scores | None = None
+    no_query: Scores | None = Field(
+        None, description="the attacker's no-query alternative (SimCLR on its own pool, same compute)"
+    )
     ratio: Scores | None = Field(None, description="surrogate / victim")
     recovered: dict[str, dict[str, float | None]] | None = Field(
         None, description="share of the victim's gain over an untrained network recovered"
@@ -168,24 +197,33 @@ def evaluate_stealing(
     victim: ImageModel | None = None,
     untrained: ImageModel | None = None,
     device: torch.device | None = None,
+    no_query: ImageModel | None = None,
+    known: dict[str, Scores] | None = None,
 ) -> EncoderEvaluation:
-    """Downstream scores of the surrogate (and of the victim and an untrained surrogate when given),
-    their ratios (surrogate / victim), the share of the victim's gain recovered
-    (:func:`recovered_fraction`), and fidelity to the victim (:class:`EncoderEvaluation`)."""
+    """Downstream scores of the surrogate (and of the victim, an untrained surrogate and the
+    attacker's no-query alternative (:mod:`attacker_client.no_query`) when given), their ratios
+    (surrogate / victim), the share of the victim's gain recovered (:func:`recovered_fraction`), and
+    fidelity to the victim (:class:`EncoderEvaluation`).
+
+    ``known``: scores of reference roles (``victim``, ``untrained``, ``no_query``) already measured
+    with the same evaluation config (the range's reference cache): taken as they are, their probes
+    not trained again (the models are still needed for fidelity)."""
     device = device or torch.device("cpu")
     started = time.perf_counter()
-    models = {"surrogate": surrogate, "victim": victim, "untrained": untrained}
+    known = known or {}
+    models = {"surrogate": surrogate, "victim": victim, "untrained": untrained, "no_query": no_query}
     features = {role: features_of(model, device) for role, model in models.items() if model is not None}
     result: dict[str, Any] = {role: None for role in (*models, "ratio", "recovered", "fidelity")}
     result["untrained_fidelity"] = None
     for role in features:
-        result[role] = {}
+        result[role] = dict(known[role]) if role in known else {}
     first_test: ImageData | None = None
     for name in cfg.downstream:
         train, test = downstream_data(name, spec, cfg)
         first_test = test if first_test is None else first_test
         for role, fn in features.items():
-            result[role][name] = probe_scores(fn, train, test, cfg, device)
+            if role not in known or name not in known[role]:
+                result[role][name] = probe_scores(fn, train, test, cfg, device)
     if victim is not None:
         result["ratio"] = {
             name: {
@@ -200,8 +238,8 @@ def evaluate_stealing(
         if first_test is not None:
             held_out = _cap(first_test, cfg.fidelity_size).images
             reference = features["victim"](held_out)
-            result["fidelity"] = embedding_fidelity(features["surrogate"](held_out), reference)
+            result["fidelity"] = fidelity_of(features["surrogate"](held_out), reference)
             if untrained is not None:
-                result["untrained_fidelity"] = embedding_fidelity(features["untrained"](held_out), reference)
+                result["untrained_fidelity"] = fidelity_of(features["untrained"](held_out), reference)
     result["seconds"] = time.perf_counter() - started
     return EncoderEvaluation.model_validate(result)

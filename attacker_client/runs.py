@@ -7,6 +7,9 @@ recorded."""
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
+import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +57,37 @@ class StealingRunConfig(BaseModel):
         Path("model_store"),
         description="the attacker's copy of the victim's model store, searched when no checkpoint is given",
     )
+    reference_cache: Path | None = Field(
+        None,
+        description="a folder keeping reference scores that do not change from run to run (the "
+        "victim's, an untrained surrogate's, the no-query alternative's), reused by later runs",
+    )
+
+
+class ReferenceCache:
+    """Scores of reference models, one JSON file per key (what the scores depend on), so the runs
+    of a range measure each reference once. Written atomically; a corrupt file is measured again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, key: dict[str, Any]) -> Path:
+        text = json.dumps(key, sort_keys=True, default=str)
+        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+
+    def get(self, key: dict[str, Any]) -> Any | None:
+        try:
+            entry = json.loads(self._path(key).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return entry.get("value") if entry.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+    def put(self, key: dict[str, Any], value: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "value": value}, default=str))
+        tmp.replace(path)
 
 
 def query_pool(name: str, split: str, spec: InputSpec, data_root: Path | None) -> ImageData:
@@ -232,6 +266,8 @@ class RunResult(BaseModel):
     """What :attr:`quality` and :attr:`victim_quality` measure (a plot's axis label)."""
     legend: ClassVar[str]
     """What :meth:`cell_text` shows (a sentence of the report's introduction)."""
+    invariant_success_label: ClassVar[str] = ""
+    """What :attr:`invariant_success` measures; empty: the same as ``success_label``."""
 
     @property
     @abc.abstractmethod
@@ -247,6 +283,28 @@ class RunResult(BaseModel):
     @abc.abstractmethod
     def victim_quality(self) -> float | None:
         """The victim's score on the same task, when known."""
+
+    @property
+    def baseline_quality(self) -> float | None:
+        """The attacker's best score on the same task without a single query (the no-query
+        alternative), when the family measures one; None by default."""
+        return None
+
+    @property
+    def gain_recovered(self) -> float | None:
+        """Share of the victim's gain over the no-query alternative that the stolen model recovered,
+        ``(quality - baseline) / (victim - baseline)``; None where a term is unknown or the victim
+        has no gain to steal."""
+        quality, victim, baseline = self.quality, self.victim_quality, self.baseline_quality
+        if quality is None or victim is None or baseline is None or victim - baseline <= 0:
+            return None
+        return (quality - baseline) / (victim - baseline)
+
+    @property
+    def invariant_success(self) -> float | None:
+        """The success metric where a defense may change each key's output space (B4B's per-key
+        transforms): transform-invariant; the plain :attr:`success` by default."""
+        return self.success
 
     @abc.abstractmethod
     def cell_text(self, budget: str) -> str:

@@ -29,19 +29,23 @@ import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 from rich.console import RenderableType
 from rich.table import Table
 
 from attacker_client.attacks import EncoderAttack, build_attack
+from attacker_client.attacks.base import StealingResult
 from attacker_client.client import VictimClient
 from attacker_client.evaluate import EncoderEvaluation, EvalConfig, evaluate_stealing
+from attacker_client.no_query import train_no_query_alternative
 from attacker_client.runs import (
     SURROGATE_DIR,
     QuerySetInfo,
+    ReferenceCache,
     ReportRow,
     RunResult,
     RunSeconds,
@@ -57,9 +61,11 @@ from attacker_client.runs import (
     victim_input,
 )
 from common import distributed
-from common.checkpoints import card_for, load_checkpoint, save_checkpoint
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.datasets import ImageData
 from common.devices import seed_everything
 from common.models import ImageModel
+from common.training import batches_per_epoch
 
 
 class EncoderStealingConfig(StealingRunConfig):
@@ -70,6 +76,11 @@ class EncoderStealingConfig(StealingRunConfig):
     query_split: str = "train"
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     untrained_reference: bool = Field(True, description="also score an untrained surrogate")
+    no_query_reference: bool = Field(
+        True,
+        description="also score the attacker's no-query alternative: the surrogate architecture trained "
+        "with SimCLR on its own pool with the attack's compute (attacker_client/no_query.py)",
+    )
 
 
 class EncoderVictimInfo(VictimInfo):
@@ -116,6 +127,31 @@ class EncoderRunResult(RunResult):
     def victim_quality(self) -> float | None:
         return _first(self.evaluation.victim, "linear_probe")
 
+    invariant_success_label: ClassVar[str] = "linear CKA to the victim"
+
+    @property
+    def invariant_success(self) -> float | None:
+        """Linear CKA of the surrogate's embeddings to the victim's on held-out images: unchanged by
+        B4B's per-key map (rotation x dimension shuffle x isotropic scale + shift: CKA's exact
+        invariance class), where cosine reads "another space". CKA rather than the linear map's R^2
+        (reported beside it): it fits nothing, so 500 held-out images of 512-dimensional embeddings
+        (the quick profile) do not leave it an underdetermined fit; it is symmetric and in [0, 1].
+        None when the victim's checkpoint was absent or the result predates it."""
+        fidelity = self.evaluation.fidelity
+        return None if fidelity is None else fidelity.cka
+
+    @property
+    def baseline_quality(self) -> float | None:
+        """The no-query alternative's linear probe on the first downstream set."""
+        return _first(self.evaluation.no_query, "linear_probe")
+
+    @property
+    def stealing_gain(self) -> float | None:
+        """Surrogate minus the no-query alternative (linear probe, first downstream set)."""
+        if self.quality is None or self.baseline_quality is None:
+            return None
+        return self.quality - self.baseline_quality
+
     def cell_text(self, budget: str) -> str:
         return f"{budget}: {fmt(self.quality)} / {fmt(self.victim_quality)}, cos {fmt(self.success)}"
 
@@ -154,6 +190,70 @@ class EncoderRunResult(RunResult):
             f"{self.seconds.total:.0f} s on {self.device}"
         )
         return [table, line]
+
+
+def attack_steps(attack: EncoderAttack, result: StealingResult) -> int:
+    """Optimizer steps the attack's training took (its compute, which the no-query alternative gets)."""
+    cfg = attack.params.train_config(torch.device("cpu"))
+    total = cfg.epochs * batches_per_epoch(result.samples, cfg.batch_size, cfg.drop_last)
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
+def evaluate_references(
+    config: EncoderStealingConfig,
+    attack: EncoderAttack,
+    surrogate: ImageModel,
+    spec: InputSpec,
+    pool: ImageData,
+    victim: ImageModel | None,
+    version: str,
+    untrained: ImageModel | None,
+    steps: int,
+    device: torch.device,
+) -> EncoderEvaluation:
+    """:func:`evaluate_stealing` with the references: the victim, an untrained surrogate and the
+    no-query alternative (trained here for the attack's ``steps``, unless known). Their scores do
+    not change from run to run, so with ``config.reference_cache`` each is measured once per key
+    (what it depends on) and reused."""
+    cache = ReferenceCache(config.reference_cache) if config.reference_cache is not None else None
+    p = attack.params
+    evaluation_key = config.evaluation.model_dump(mode="json", exclude={"data_root"})
+    surrogate_key = {"architecture": p.architecture, "dim": surrogate.feature_dim, "seed": p.seed}
+    train = p.train_config(device).model_copy(update={"epochs": 10**6, "max_steps": max(1, steps)})
+    keys = {
+        # the served version is the weights' digest: the same behind every defense of a range
+        "victim": {"role": "victim", "version": version, "eval": evaluation_key},
+        "untrained": {"role": "untrained", **surrogate_key, "eval": evaluation_key},
+        "no_query": {
+            "role": "no_query",
+            **surrogate_key,
+            "pool": [config.query_set, config.query_split, len(pool)],
+            "train": train.model_dump(mode="json", include={"batch_size", "lr", "optimizer", "max_steps"}),
+            "eval": evaluation_key,
+        },
+    }
+    known: dict[str, Any] = {}
+    if cache is not None:
+        known = {role: v for role, key in keys.items() if (v := cache.get(key)) is not None}
+    if victim is None:
+        known.pop("victim", None)
+    no_query = None
+    if config.no_query_reference and "no_query" not in known:
+        with distributed.local_only():  # rank 0 alone under torchrun: the others have finished
+            no_query = train_no_query_alternative(
+                pool, p.architecture, surrogate.feature_dim, train, config.progress
+            )
+    evaluation = evaluate_stealing(
+        surrogate, spec, config.evaluation, victim, untrained, device, no_query=no_query, known=known
+    )
+    if cache is not None:
+        for role, key in keys.items():
+            scores = getattr(evaluation, role)
+            if scores is not None and role not in known:
+                cache.put(key, scores)
+    if config.no_query_reference and evaluation.no_query is None and "no_query" in known:
+        evaluation = evaluation.model_copy(update={"no_query": known["no_query"]})
+    return evaluation
 
 
 def steal_encoder(config: EncoderStealingConfig) -> EncoderRunResult | None:
@@ -198,7 +298,18 @@ def steal_encoder(config: EncoderStealingConfig) -> EncoderRunResult | None:
     if victim_path is not None:
         victim, _ = load_checkpoint(victim_path, device)
     untrained = attack.build_surrogate(pool, surrogate.feature_dim) if config.untrained_reference else None
-    evaluation = evaluate_stealing(surrogate, spec, config.evaluation, victim, untrained, device)
+    evaluation = evaluate_references(
+        config,
+        attack,
+        surrogate,
+        spec,
+        pool,
+        victim,
+        version,
+        untrained,
+        attack_steps(attack, result),
+        device,
+    )
 
     name = f"{attack.name.replace('_', '-')}-{config.model}"[:64]
     card = card_for(

@@ -17,8 +17,10 @@ the CPU path is what the tests run (2 processes, gloo).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,8 +57,25 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_local_only: contextvars.ContextVar[bool] = contextvars.ContextVar("local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside it, :func:`current` is a single process even under ``torchrun``: for work one rank
+    does alone (rank 0's evaluation references), which must not wait for the others' gradients."""
+    token = _local_only.set(True)
+    try:
+        yield
+    finally:
+        _local_only.reset(token)
+
+
 def current() -> DistributedContext:
-    """The context of the initialised process group, or a single process when there is none."""
+    """The context of the initialised process group, or a single process when there is none (or
+    inside :func:`local_only`)."""
+    if _local_only.get():
+        return DistributedContext()
     if dist.is_available() and dist.is_initialized():
         return DistributedContext(
             rank=dist.get_rank(),

@@ -12,7 +12,16 @@ Encoder stealing: downstream accuracy on frozen features of surrogate vs. victim
 - :func:`mlp_probe`: the small MLP (512-256, ReLU) that the RDA released code uses for its final
   numbers (the paper calls it "linear probing");
 
-and :func:`embedding_fidelity` (cosine and L2 between surrogate and victim embeddings).
+and :func:`embedding_fidelity` (cosine and L2 between surrogate and victim embeddings), which a
+defense that maps each key's embeddings into its own space (B4B: a rotation, a scale, a shuffle of
+the dimensions and a shift per key) drives down without defending anything. Two fidelities that such
+a map leaves unchanged:
+
+- :func:`linear_cka`: linear centred kernel alignment (Kornblith, Norouzi, Lee & Hinton, ICML 2019),
+  ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)``; invariant to an orthogonal transform,
+  an isotropic scale and a shift of either side (not to a general linear map);
+- :func:`linear_map_r2`: R^2 on held-out rows of the least-squares affine map from the surrogate's
+  embeddings to the victim's; invariant to any invertible affine map of the surrogate's side.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ __all__ = [
     "knn_accuracy",
     "knn_predict",
     "l1_distance",
+    "linear_cka",
+    "linear_map_r2",
     "linear_probe",
     "mlp_probe",
 ]
@@ -105,6 +116,69 @@ def embedding_fidelity(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         "l2": (a - b).norm(dim=1).mean().item(),
         "l2_normalised": (F.normalize(a, dim=1) - F.normalize(b, dim=1)).norm(dim=1).mean().item(),
     }
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear CKA of two representations of the same N inputs, ``a`` [N, D1] and ``b`` [N, D2]
+    (Kornblith et al., ICML 2019, Eq. 5 with a linear kernel): both are centred over the rows, then
+    ``||b_c^T a_c||_F^2 / (||a_c^T a_c||_F ||b_c^T b_c||_F)``, in [0, 1].
+
+    Invariant to an orthogonal transform and an isotropic scale of either side and to a shift
+    (centring); the widths may differ. 0 when either side is constant.
+    """
+    a, b = _as_rows(a).double(), _as_rows(b).double().to(a.device)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{a.shape[0]} rows vs {b.shape[0]} rows")
+    if a.shape[0] < 2:
+        raise ValueError("CKA needs at least 2 rows")
+    a = a - a.mean(dim=0, keepdim=True)
+    b = b - b.mean(dim=0, keepdim=True)
+    cross = (b.T @ a).square().sum()
+    norm = torch.linalg.matrix_norm(a.T @ a) * torch.linalg.matrix_norm(b.T @ b)
+    return 0.0 if norm.item() == 0.0 else (cross / norm).item()
+
+
+def linear_map_r2(
+    source: torch.Tensor, target: torch.Tensor, fit: int | None = None, ridge: float = 0.0
+) -> float:
+    """R^2 of the least-squares affine map ``source -> target`` fitted on the first ``fit`` rows
+    (default: the first half) and scored on the others.
+
+    ``W, c = argmin ||source_fit W + c - target_fit||^2 (+ ridge ||W||^2)`` (minimum-norm solution
+    when the fit rows do not determine ``W``: fewer rows than dimensions); on the scored rows,
+    ``R^2 = 1 - sum ||target - (source W + c)||^2 / sum ||target - mean(target)||^2`` (the
+    variance-weighted R^2 over all target dimensions; the mean is the scored rows'). 1 for a perfect
+    map, 0 for predicting the mean, negative for worse. For stealing: ``source`` = surrogate,
+    ``target`` = victim.
+
+    With ``ridge`` = 0 it is invariant to any invertible affine map of ``source`` when the fit rows
+    outnumber its dimensions; with fewer (500 held-out images of 512-dimensional embeddings) the
+    minimum-norm fit interpolates them, and only an orthogonal map, an isotropic scale and a shift
+    leave it unchanged.
+    """
+    x, y = _as_rows(source).double(), _as_rows(target).double().to(source.device)
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"{n} rows vs {y.shape[0]} rows")
+    fit = n // 2 if fit is None else fit
+    if not 2 <= fit <= n - 2:
+        raise ValueError(f"fit on {fit} of {n} rows: at least 2 to fit and 2 to score")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    x_fit, y_fit, x_test, y_test = x[:fit], y[:fit], x[fit:], y[fit:]
+    x_mean, y_mean = x_fit.mean(dim=0, keepdim=True), y_fit.mean(dim=0, keepdim=True)
+    xc, yc = x_fit - x_mean, y_fit - y_mean  # centring fits the intercept exactly
+    if ridge > 0:
+        eye = torch.eye(xc.shape[1], dtype=xc.dtype, device=xc.device)
+        weights = torch.linalg.solve(xc.T @ xc + ridge * eye, xc.T @ yc)
+    else:
+        weights = torch.linalg.pinv(xc) @ yc
+    predicted = (x_test - x_mean) @ weights + y_mean
+    residual = (y_test - predicted).square().sum()
+    total = (y_test - y_test.mean(dim=0, keepdim=True)).square().sum()
+    if total.item() == 0.0:
+        raise ValueError("the scored target rows are constant: R^2 is undefined")
+    return (1.0 - residual / total).item()
 
 
 @torch.no_grad()

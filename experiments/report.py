@@ -2,28 +2,40 @@
 
 The lines are read back through their models (:mod:`experiments.results`); everything a table
 cell, a note or a plot shows of a cell comes from its family's typed result
-(:class:`attacker_client.runs.RunResult`: its success metric and label, the surrogate's and the
-victim's quality, its cell text, its notes), so the report knows no family by name.
+(:class:`attacker_client.runs.RunResult`: its success and transform-invariant success, the stolen
+model's, the victim's and the no-query alternative's quality, the share of the victim's gain
+recovered, its cell text, its notes), so the report knows no family by name. Cells are aggregated
+over seeds per (victim, defense, attack, budget) by :mod:`experiments.statistics`: every number is
+a mean ± the half-width of its 95 % Student-t interval with n seeds (n 1: no interval, and nothing
+called significant).
 
-``report.md`` holds, per victim, a table with attacks as rows and defenses as columns, each cell
-giving at every budget the result's cell text (encoders: the surrogate's linear-probe accuracy /
-the victim's and its cosine fidelity; classifiers: agreement with the victim and test accuracy, for
-ensembles also the single network's agreement; robustness stealing: the student's PGD and clean
-accuracy next to PGD-AT), then each family's notes (an untrained surrogate's cosine; the victim's
-accuracy and the ensembles' diversity table); the defenses' cost to honest users; failed cells with
-their errors; and the queries each key spent over time. Plots (PNG, matplotlib):
+``report.md`` holds, in this order:
 
-- ``quality_vs_queries.png``: attack success and the stolen model's quality against queries spent,
-  one line per defense, one column per attack (each axis labelled by the attack's family);
-- ``tradeoff.png``: attack success at the largest budget against the defense's cost to honest
-  users (the trade-off frontier: a good defense sits low and to the left);
+- **How fast a model is stolen** (what a provider reads first): per victim, attack and defense, the
+  queries needed to recover 50 % and 90 % of the victim's gain (interpolated between budgets, with
+  the interval where the 95 % band of the mean reaches the target, or "not reached") and what that
+  is in time at the key's rate limit (the scenario's ``rate``, from the run's ``scenario.yaml``);
+- per victim, the **verdicts**: per budget, the defenses that lower each attack's success
+  (transform-invariant: linear CKA for encoders) and quality relative to ``none``, the attacks
+  ahead of others, the gains above 0, all only where the intervals separate; then one table per
+  metric (rows attacks, columns defenses, every budget in each cell): quality (the victim's score
+  beside the title), the transform-invariant success, the gain recovered, the no-query
+  alternative's quality, the plain success (cosine for encoders); then each family's notes;
+- the defenses' cost to honest users (measured once: n 1); the plots; the queries per key over
+  seeds (audit streams); failed cells; every cell's own text, seed by seed (folded).
+
+Plots (PNG, matplotlib; written before ``report.md``, which links those that exist):
+
+- ``quality_vs_queries.png``: success, transform-invariant success, quality and gain recovered
+  against queries spent (mean and 95 % interval), one line per defense, one column per attack;
+- ``tradeoff.png``: transform-invariant attack success at the largest budget (mean and interval)
+  against the defense's cost to honest users (a good defense sits low and to the left);
 - ``audit.png``: cumulative images charged against time, per key (from its audit stream).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +43,30 @@ from pydantic import BaseModel, ConfigDict
 
 from attacker_client.runs import RunResult, budget_text, fmt
 from experiments.results import RESULTS_FILE, CellLine, read_results
+from experiments.statistics import (
+    BASELINE_QUALITY,
+    CONFIDENCE,
+    GAIN_RECOVERED,
+    INVARIANT_SUCCESS,
+    QUALITY,
+    QUERIES,
+    SUCCESS,
+    CellGroup,
+    GroupKey,
+    Interval,
+    KeyRate,
+    Metric,
+    above,
+    aggregate,
+    any_interval,
+    compare,
+    has_invariant_success,
+    invariant_label,
+    key_rate,
+    recovery_curves,
+    recovery_time,
+    t_interval,
+)
 
 REPORT_FILE = "report.md"
 PLOTS = ("quality_vs_queries.png", "tradeoff.png", "audit.png")
@@ -99,43 +135,356 @@ def _by_family(lines: list[CellLine]) -> dict[type[RunResult], list[CellLine]]:
     return groups
 
 
+def _intervals_note(groups: dict[GroupKey, CellGroup]) -> str:
+    """What the ± and n of every table mean, and whether any interval exists."""
+    if not groups:
+        return ""
+    seeds = sorted({len(group.lines) for group in groups.values()})
+    if not any_interval(groups.values()):
+        return (
+            "**One seed per cell: no intervals exist, and nothing in this report is marked significant** "
+            "(numbers are single runs; n 1 everywhere). Run more seeds (`seeds:` in the scenario) to "
+            "compare attacks and defenses."
+        )
+    return (
+        "Numbers are means over seeds ± the half-width of their "
+        f"{CONFIDENCE * 100:.0f} % Student-t interval, n the seeds (here "
+        f"{', '.join(map(str, seeds))} per cell); with n 1 no interval exists. One attack or defense "
+        "is called better than another only where the intervals separate."
+    )
+
+
+def how_fast_markdown(groups: dict[GroupKey, CellGroup], rate: KeyRate | None) -> list[str]:
+    """The report's first section: queries (and time at the key's rate limit) to recover 50 % and
+    90 % of the victim's gain, per victim, attack and defense
+    (:func:`experiments.statistics.recovery_curves`)."""
+    out = ["## How fast a model is stolen", ""]
+    curves = recovery_curves(groups)
+    if not curves:
+        return [
+            *out,
+            "No cell measured the share of the victim's gain recovered (it needs the victim's score and "
+            "the attacker's no-query alternative): nothing to time.",
+            "",
+        ]
+    limit = None if rate is None else rate.rate
+    if rate is None:
+        rate_text = "the key's rate limit is unknown (the run has no `scenario.yaml`)"
+    elif limit is None:
+        rate_text = "the keys had no rate limit (the scenario's `rate` is unset)"
+    else:
+        rate_text = f"time is queries / the key's rate limit ({limit:g} images/s, the scenario's `rate`)"
+    out += [
+        "Queries the server charged until the stolen model recovers 50 % and 90 % of the victim's gain "
+        "over the attacker's no-query alternative (`(stolen - no-query) / (victim - no-query)`, the "
+        "family's quality metric): the mean over seeds at each budget, interpolated linearly between "
+        "budgets; in brackets, where the upper and the lower bound of its 95 % interval reach the target "
+        "(none with one seed). `≤`: reached at the smallest budget already; `>` / not reached: not by the "
+        f"largest. {rate_text[0].upper() + rate_text[1:]}.",
+        "",
+        "| victim | attack | defense | 50 %: queries | 50 %: time | 90 %: queries | 90 %: time "
+        "| recovered at the largest budget | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for curve in curves:
+        cells = [curve.victim, curve.attack, curve.defense]
+        for target in (0.5, 0.9):
+            recovery = curve.recovery(target)
+            cells += [recovery.text(), recovery_time(recovery, limit) if rate is not None else "rate unknown"]
+        last = curve.gain[-1]
+        cells.append(f"{last.text(0, 100, ' %', with_n=False)} at {budget_text(curve.budgets[-1])}")
+        cells.append(str(curve.min_seeds))
+        out.append("| " + " | ".join(cells) + " |")
+    timed = {(curve.victim, curve.attack, curve.defense) for curve in curves}
+    untimed = list(
+        dict.fromkeys(
+            (k.victim, k.attack, k.defense) for k in groups if (k.victim, k.attack, k.defense) not in timed
+        )
+    )
+    if untimed:
+        names = ", ".join("/".join(triple) for triple in untimed)
+        out += [
+            "",
+            f"Not timed (no cell measured the gain recovered: the victim does not beat the no-query "
+            f"alternative there, or a score is missing): {names}.",
+        ]
+    return [*out, ""]
+
+
+def _defense_lines(
+    groups: dict[GroupKey, CellGroup],
+    victim: str,
+    defenses: list[str],
+    attacks: list[str],
+    budget: int,
+    metric: Metric,
+    label: str,
+) -> str | None:
+    """``{budget}, {label}: below none: attack: defenses; ...`` (separated intervals only)."""
+    if "none" not in defenses:
+        return None
+    lower, higher = [], []
+    compared = False
+    for attack in attacks:
+        base = groups.get(GroupKey(victim, "none", attack, budget))
+        if base is None:
+            continue
+        compared = True
+        below, over = [], []
+        for defense in defenses:
+            group = groups.get(GroupKey(victim, defense, attack, budget))
+            if defense == "none" or group is None:
+                continue
+            verdict = compare(group.interval(metric), base.interval(metric))
+            (below if verdict == "lower" else over if verdict == "higher" else []).append(defense)
+        if below:
+            lower.append(f"{attack}: {', '.join(below)}")
+        if over:
+            higher.append(f"{attack}: {', '.join(over)}")
+    if not compared:
+        return None
+    text = f"- {budget_text(budget)}, {label}: defenses that lower it relative to `none`: " + (
+        "; ".join(lower) or "none separated"
+    )
+    if higher:
+        text += ". Defenses that raise it: " + "; ".join(higher)
+    return text + "."
+
+
+def _attack_lines(
+    groups: dict[GroupKey, CellGroup],
+    victim: str,
+    defenses: list[str],
+    attacks: list[str],
+    budget: int,
+    metric: Metric,
+    label: str,
+) -> str | None:
+    """``{budget}, {label}: attacks ahead: under defense: a > b, ...`` (separated intervals only)."""
+    if len(attacks) < 2:
+        return None
+    parts = []
+    for defense in defenses:
+        ahead = []
+        for i, a in enumerate(attacks):
+            for b in attacks[i + 1 :]:
+                ga, gb = (
+                    groups.get(GroupKey(victim, defense, a, budget)),
+                    groups.get(GroupKey(victim, defense, b, budget)),
+                )
+                if ga is None or gb is None:
+                    continue
+                verdict = compare(ga.interval(metric), gb.interval(metric))
+                if verdict == "higher":
+                    ahead.append(f"{a} > {b}")
+                elif verdict == "lower":
+                    ahead.append(f"{b} > {a}")
+        if ahead:
+            parts.append(f"under {defense}: {', '.join(ahead)}")
+    return (
+        f"- {budget_text(budget)}, {label}: attacks ahead of others: "
+        + ("; ".join(parts) or "none separated")
+        + "."
+    )
+
+
+def _gain_line(
+    groups: dict[GroupKey, CellGroup], victim: str, defenses: list[str], attacks: list[str], budget: int
+) -> str | None:
+    """Which attacks' gain over the no-query alternative separates from zero, per defense."""
+    parts = []
+    for defense in defenses:
+        measured = [
+            (attack, group.interval(GAIN_RECOVERED))
+            for attack in attacks
+            if (group := groups.get(GroupKey(victim, defense, attack, budget))) is not None
+        ]
+        measured = [(attack, gain) for attack, gain in measured if gain is not None]
+        if measured:
+            names = [attack for attack, gain in measured if above(gain, 0.0)]
+            parts.append(f"under {defense}: {', '.join(names) or 'no attack'}")
+    if not parts:
+        return None
+    return (
+        f"- {budget_text(budget)}, stealing gain over the no-query alternative above 0 (interval): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def verdicts_markdown(groups: dict[GroupKey, CellGroup], victim: str) -> list[str]:
+    """Per budget: the defenses that lower each attack's success (transform-invariant) and quality
+    relative to ``none``, the attacks ahead of others, and the gains above 0: only where the 95 %
+    intervals separate; with one seed, a sentence saying that nothing is marked significant."""
+    mine = {key: group for key, group in groups.items() if key.victim == victim}
+    if not mine:
+        return []
+    out = [f"### Verdicts ({CONFIDENCE * 100:.0f} % intervals separate)", ""]
+    if not any_interval(mine.values()):
+        return [
+            *out,
+            "One seed per cell: no intervals exist, so no attack or defense is marked better than another.",
+            "",
+        ]
+    defenses = list(dict.fromkeys(key.defense for key in mine))
+    attacks = list(dict.fromkeys(key.attack for key in mine))
+    families = list(dict.fromkeys(group.family for group in mine.values()))
+    for budget in sorted({key.budget for key in mine}):
+        for family in families:
+            of_family = [
+                a for a in attacks if any(g.family is family for k, g in mine.items() if k.attack == a)
+            ]
+            for metric in (INVARIANT_SUCCESS, QUALITY):
+                label = metric.label(family)
+                for line in (
+                    _defense_lines(mine, victim, defenses, of_family, budget, metric, label),
+                    _attack_lines(mine, victim, defenses, of_family, budget, metric, label),
+                ):
+                    if line:
+                        out.append(line)
+            gain = _gain_line(mine, victim, defenses, of_family, budget)
+            if gain:
+                out.append(gain)
+    unmeasured = sum(1 for group in mine.values() if len(group.lines) < 2)
+    if unmeasured:
+        out.append(
+            f"- {unmeasured} of {len(mine)} cells have one seed: no interval, never called better or worse."
+        )
+    return [*out, ""]
+
+
+def _metrics_of(family: type[RunResult], groups: list[CellGroup]) -> list[tuple[Metric, int, float, str]]:
+    """The tables of a family: (metric, digits, scale, unit)."""
+    metrics: list[tuple[Metric, int, float, str]] = [(QUALITY, 3, 1.0, "")]
+    if has_invariant_success(family):
+        metrics.append((INVARIANT_SUCCESS, 3, 1.0, ""))
+    if any(group.interval(GAIN_RECOVERED) is not None for group in groups):
+        metrics.append((GAIN_RECOVERED, 0, 100.0, " %"))
+    if any(group.interval(BASELINE_QUALITY) is not None for group in groups):
+        metrics.append((BASELINE_QUALITY, 3, 1.0, ""))
+    metrics.append((SUCCESS, 3, 1.0, ""))
+    return metrics
+
+
+def _victim_tables(victim: str, lines: list[CellLine], groups: dict[GroupKey, CellGroup]) -> list[str]:
+    """Per family of the victim's attacks, one table per metric (rows attacks, columns defenses,
+    each cell mean ± half-width (n) at every budget); failed cells in the first."""
+    of_victim = [line for line in lines if line.victim == victim]
+    defenses = list(dict.fromkeys(line.defense for line in of_victim))
+    mine = [group for key, group in groups.items() if key.victim == victim]
+    out: list[str] = []
+    families = list(dict.fromkeys(group.family for group in mine))
+    for family in families:
+        of_family = [group for group in mine if group.family is family]
+        name = of_family[0].results[0].family
+        attacks = list(  # an attack whose every cell failed still gets its row of errors
+            dict.fromkeys(
+                [group.key.attack for group in of_family]
+                + [line.attack for line in of_victim if not line.ok and line.family == name]
+            )
+        )
+        victim_scores = [
+            r.victim_quality for g in of_family for r in g.results if r.victim_quality is not None
+        ]
+        for index, (metric, digits, scale, unit) in enumerate(_metrics_of(family, of_family)):
+            title = f"**{metric.label(family)}**"
+            if metric is QUALITY and victim_scores:
+                low, high = min(victim_scores), max(victim_scores)
+                spread = "" if high - low < 5e-4 else f" (from {low:.3f} to {high:.3f} over its cells)"
+                title += f"; the victim scores {sum(victim_scores) / len(victim_scores):.3f}{spread}"
+            out += [
+                title,
+                "",
+                "| attack | " + " | ".join(defenses) + " |",
+                "|---" * (len(defenses) + 1) + "|",
+            ]
+            for attack in attacks:
+                cells = []
+                for defense in defenses:
+                    parts = []
+                    budgets = sorted(
+                        {
+                            line.budget
+                            for line in of_victim
+                            if line.attack == attack and line.defense == defense
+                        }
+                    )
+                    for budget in budgets:
+                        group = groups.get(GroupKey(victim, defense, attack, budget))
+                        interval = None if group is None else group.interval(metric)
+                        text = f"{budget_text(budget)}: " + (
+                            "-" if interval is None else interval.text(digits, scale, unit)
+                        )
+                        if index == 0:
+                            bad = [
+                                line
+                                for line in of_victim
+                                if not line.ok
+                                and (line.attack, line.defense, line.budget) == (attack, defense, budget)
+                            ]
+                            if bad and group is None:
+                                code = bad[0].error_code or "failed"
+                                text = f"{budget_text(budget)}: **{code}** (n {len(bad)})"
+                            elif bad:
+                                text += f" + {len(bad)} failed"
+                        parts.append(text)
+                    cells.append("<br>".join(parts) or "-")
+                out.append(f"| {attack} | " + " | ".join(cells) + " |")
+            out.append("")
+    return out
+
+
+def _audit_markdown(lines: list[CellLine]) -> list[str]:
+    """Queries per key, aggregated over seeds: images charged and seconds (mean ± interval, n keys)."""
+    out = [
+        "## Queries per key (audit streams)",
+        "",
+        "Images charged to each cell's key and seconds from its first to its last charge, over seeds.",
+        "",
+        "| victim | defense | attack | budget | images charged | seconds | flags |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_key: dict[GroupKey, list[CellLine]] = {}
+    for line in lines:
+        by_key.setdefault(GroupKey(line.victim, line.defense, line.attack, line.budget), []).append(line)
+    for key, group in by_key.items():
+        audits = [line.audit for line in group if line.audit is not None]
+        images = t_interval(float(a.images) for a in audits)
+        seconds = t_interval(a.seconds for a in audits)
+        flag_counts: dict[str, int] = {}
+        for line in group:
+            for model, flag in line.flags.items():
+                name = f"{model}: {flag.flag}"
+                flag_counts[name] = flag_counts.get(name, 0) + 1
+        flags = ", ".join(f"{name} (x{count})" for name, count in flag_counts.items()) or "-"
+        images_text = "-" if images is None else images.text(0)
+        seconds_text = "-" if seconds is None else seconds.text(1)
+        out.append(
+            f"| {key.victim} | {key.defense} | {key.attack} | {budget_text(key.budget)} | "
+            f"{images_text} | {seconds_text} | {flags} |"
+        )
+    return [*out, ""]
+
+
 def markdown(run_dir: Path, lines: list[CellLine]) -> str:
     costs = _costs(run_dir)
     ok = [line for line in lines if line.ok]
     failed = [line for line in lines if not line.ok]
+    groups = aggregate(ok)
     name = ok[0].scenario if ok else (failed[0].scenario if failed else run_dir.name)
     out = [f"# Range report: {name}", ""]
-    legends = [cls.legend for cls in _by_family(ok)]
+    out += how_fast_markdown(groups, key_rate(run_dir))
     intro = f"{len(lines)} cells: {len(ok)} finished, {len(failed)} failed."
-    if legends:
-        intro += " Each table cell, at every budget: " + "; ".join(legends) + "."
     out.append(intro + " Queries are those the server charged (its usage), not what the attacker planned.")
     out.append("")
+    note = _intervals_note(groups)
+    if note:
+        out += [note, ""]
     for victim in sorted({line.victim for line in lines}):
+        out += [f"## {victim}", ""]
+        out += verdicts_markdown(groups, victim)
+        out += _victim_tables(victim, lines, groups)
         rows = [line for line in ok if line.victim == victim]
-        defenses = list(dict.fromkeys(line.defense for line in lines if line.victim == victim))
-        attacks = list(dict.fromkeys(line.attack for line in lines if line.victim == victim))
-        out += [
-            f"## {victim}",
-            "",
-            "| attack | " + " | ".join(defenses) + " |",
-            "|---" * (len(defenses) + 1) + "|",
-        ]
-        for attack in attacks:
-            cells = []
-            for defense in defenses:
-                parts = [
-                    _result(line).cell_text(budget_text(line.budget))
-                    for line in sorted(
-                        (r for r in rows if r.attack == attack and r.defense == defense),
-                        key=lambda r: r.budget,
-                    )
-                ]
-                for line in failed:
-                    if line.victim == victim and line.attack == attack and line.defense == defense:
-                        parts.append(f"{budget_text(line.budget)}: **{line.error_code or 'failed'}**")
-                cells.append("<br>".join(parts) or "-")
-            out.append(f"| {attack} | " + " | ".join(cells) + " |")
         for cls, family_rows in _by_family(rows).items():
             out += cls.report_notes(family_rows)
         out.append("")
@@ -144,37 +493,57 @@ def markdown(run_dir: Path, lines: list[CellLine]) -> str:
             "## Cost to honest users",
             "",
             "Encoders: cosine of defended to undefended embeddings and an honest user's linear probe. "
-            "Classifiers: test accuracy with and without the defense, top-1 agreement, L1 distortion.",
+            "Classifiers: test accuracy with and without the defense, top-1 agreement, L1 distortion. "
+            "Measured once per defense (n 1): no interval.",
             "",
-            "| served model | defense | cosine / agreement | score | defended score | drop | L1 |",
-            "|---|---|---|---|---|---|---|",
+            "| served model | defense | cosine / agreement | score | defended score | drop | L1 | n |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for served, cost in costs.items():
             cells = [cost.similarity, cost.score, cost.defended_score, cost.drop, cost.l1]
-            out.append(f"| {served} | {cost.defense} | " + " | ".join(fmt(c) for c in cells) + " |")
+            out.append(f"| {served} | {cost.defense} | " + " | ".join(fmt(c) for c in cells) + " | 1 |")
         out.append("")
     out += ["## Plots", ""]
     out += [f"![{plot}]({plot})" for plot in PLOTS if (run_dir / plot).is_file()]
     out.append("")
-    out += ["## Queries per key (audit streams)", "", "| cell | images charged | events | seconds | flags |"]
-    out.append("|---|---|---|---|---|")
-    for line in lines:
-        audit = line.audit
-        flags = ", ".join(f"{m}: {f.flag}" for m, f in line.flags.items()) or "-"
-        images, events, seconds = (
-            ("-", "-", None) if audit is None else (audit.images, audit.events, audit.seconds)
-        )
-        out.append(f"| {line.cell} | {images} | {events} | {fmt(seconds, 1)} | {flags} |")
+    out += _audit_markdown(lines)
     if failed:
-        out += ["", "## Failed cells", ""]
+        out += ["## Failed cells", ""]
         out += [f"- `{line.cell}`: {line.error}" for line in failed]
+        out.append("")
+    if ok:
+        legends = [cls.legend for cls in _by_family(ok)]
+        out += [
+            "<details><summary>Cells, seed by seed</summary>",
+            "",
+            "Each: " + "; ".join(legends) + ".",
+            "",
+        ]
+        out += [
+            f"- `{line.cell}` (seed {line.seed}): {_result(line).cell_text(budget_text(line.budget))}"
+            for line in ok
+        ]
+        out += ["", "</details>", ""]
     wall = sum(line.wall_seconds for line in lines)
-    out += ["", f"Cells' wall time: {wall:.0f} s in all."]
+    out += [f"Cells' wall time: {wall:.0f} s in all."]
     return "\n".join(out) + "\n"
 
 
+def _curve_metrics(ok: list[CellLine]) -> list[Metric]:
+    """The rows of ``quality_vs_queries.png``: success, the transform-invariant success (where a
+    family measures one), quality, and the share of the victim's gain recovered (where measured)."""
+    families = list(_by_family(ok))
+    metrics = [SUCCESS]
+    if any(has_invariant_success(cls) for cls in families):
+        metrics.append(INVARIANT_SUCCESS)
+    metrics.append(QUALITY)
+    if any(_result(line).gain_recovered is not None for line in ok):
+        metrics.append(GAIN_RECOVERED)
+    return metrics
+
+
 def plots(run_dir: Path, lines: list[CellLine]) -> None:
-    """Write the three PNGs (see the module docstring)."""
+    """Write the three PNGs (see the module docstring): means over seeds with their 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,40 +552,67 @@ def plots(run_dir: Path, lines: list[CellLine]) -> None:
     ok = [line for line in lines if line.ok]
     if not ok:
         return
+    groups = aggregate(ok)
     attacks = list(dict.fromkeys(line.attack for line in ok))
     defenses = list(dict.fromkeys(line.defense for line in ok))
+    victims = list(dict.fromkeys(line.victim for line in ok))
     colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
+    metrics = _curve_metrics(ok)
 
-    fig, axes = plt.subplots(2, len(attacks), figsize=(4.2 * len(attacks), 6.5), squeeze=False, sharex="col")
+    def err(interval: Interval | None) -> float:
+        return 0.0 if interval is None or interval.half_width is None else interval.half_width
+
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(attacks),
+        figsize=(4.2 * len(attacks), 3.2 * len(metrics)),
+        squeeze=False,
+        sharex="col",
+    )
     for j, attack in enumerate(attacks):
-        of_attack = [line for line in ok if line.attack == attack]
+        of_attack = [group for key, group in groups.items() if key.attack == attack]
+        family = of_attack[0].family
         for defense in defenses:
-            series: dict[str, list[CellLine]] = defaultdict(list)
-            for line in of_attack:
-                if line.defense == defense:
-                    series[line.victim].append(line)
-            for victim, rows in series.items():
-                rows.sort(key=lambda r: _result(r).queries.spent)
-                x = [_result(r).queries.spent for r in rows]
-                label = defense if len(series) == 1 else f"{defense} ({victim})"
-                axes[0][j].plot(
-                    x, [_result(r).success for r in rows], "o-", color=colors[defense], label=label
+            for victim in victims:
+                series = sorted(
+                    (g for g in of_attack if g.key.defense == defense and g.key.victim == victim),
+                    key=lambda g: g.key.budget,
                 )
-                axes[1][j].plot(
-                    x, [_result(r).quality for r in rows], "o-", color=colors[defense], label=label
-                )
-        victim_quality = [v for v in (_result(line).victim_quality for line in of_attack) if v is not None]
-        if victim_quality:
-            axes[1][j].axhline(max(victim_quality), color="k", ls="--", lw=1, label="victim")
-        family = type(_result(of_attack[0]))
+                if not series:
+                    continue
+                label = defense if len(victims) == 1 else f"{defense} ({victim})"
+                x = [q.mean for g in series if (q := g.interval(QUERIES)) is not None]
+                for i, metric in enumerate(metrics):
+                    points = [(xi, g.interval(metric)) for xi, g in zip(x, series, strict=True)]
+                    points = [(xi, iv) for xi, iv in points if iv is not None]
+                    if points:
+                        axes[i][j].errorbar(
+                            [p[0] for p in points],
+                            [p[1].mean for p in points],
+                            yerr=[err(p[1]) for p in points],
+                            fmt="o-",
+                            capsize=3,
+                            color=colors[defense],
+                            label=label,
+                        )
+        for i, metric in enumerate(metrics):
+            axes[i][j].set_ylabel(metric.label(family))
+            axes[i][j].grid(alpha=0.3)
+            if metric is QUALITY:
+                victim_quality = [
+                    v for g in of_attack for r in g.results if (v := r.victim_quality) is not None
+                ]
+                if victim_quality:
+                    axes[i][j].axhline(max(victim_quality), color="k", ls="--", lw=1, label="victim")
+            if metric is GAIN_RECOVERED:
+                for target in (0.5, 0.9):
+                    axes[i][j].axhline(target, color="grey", ls=":", lw=1)
         axes[0][j].set_title(attack)
-        axes[0][j].set_ylabel(family.success_label)
-        axes[1][j].set_ylabel(family.quality_label)
-        axes[1][j].set_xlabel("queries spent (server usage)")
-        axes[0][j].grid(alpha=0.3)
-        axes[1][j].grid(alpha=0.3)
+        axes[-1][j].set_xlabel("queries spent (server usage)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Surrogate quality vs queries, per defense")
+    fig.suptitle(
+        f"Attack success and stolen quality vs queries, per defense (mean, {CONFIDENCE * 100:.0f} % interval)"
+    )
     fig.tight_layout()
     fig.savefig(run_dir / "quality_vs_queries.png", dpi=110)
     plt.close(fig)
@@ -225,21 +621,39 @@ def plots(run_dir: Path, lines: list[CellLine]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     markers = "osD^v<>p*h"
     for i, attack in enumerate(attacks):
-        for defense in defenses:
-            rows = [r for r in ok if r.attack == attack and r.defense == defense]
-            if not rows:
-                continue
-            top = max(rows, key=lambda r: r.budget)
-            cost, success = cost_of(costs, top), _result(top).success
-            if cost is None or success is None:
-                continue
-            ax.scatter(cost, success, color=colors[defense], marker=markers[i % len(markers)], s=60)
-            ax.annotate(
-                f"{defense}/{attack}", (cost, success), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
+        for victim in victims:
+            for defense in defenses:
+                series = [
+                    g
+                    for key, g in groups.items()
+                    if (key.victim, key.attack, key.defense) == (victim, attack, defense)
+                ]
+                if not series:
+                    continue
+                top = max(series, key=lambda g: g.key.budget)
+                cost = cost_of(costs, top.lines[0])
+                success = top.interval(INVARIANT_SUCCESS)
+                if cost is None or success is None:
+                    continue
+                ax.errorbar(
+                    cost,
+                    success.mean,
+                    yerr=err(success),
+                    color=colors[defense],
+                    marker=markers[i % len(markers)],
+                    ms=7,
+                    capsize=3,
+                )
+                ax.annotate(
+                    f"{defense}/{attack}",
+                    (cost, success.mean),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
     ax.set_xlabel("cost to honest users (accuracy or linear-probe accuracy drop)")
-    success_labels = ", ".join(dict.fromkeys(cls.success_label for cls in _by_family(ok)))
-    ax.set_ylabel(f"attack success at the largest budget ({success_labels})")
+    success_labels = ", ".join(dict.fromkeys(invariant_label(cls) for cls in _by_family(ok)))
+    ax.set_ylabel(f"attack success at the largest budget ({success_labels})", fontsize=8)
     ax.set_title("Defense trade-off: low and to the left is better")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -324,9 +738,9 @@ def build_report(run_dir: str | Path) -> Path:
     if not lines and not protection:
         raise FileNotFoundError(f"no results in {run_dir / RESULTS_FILE}")
     path = run_dir / REPORT_FILE
-    text = markdown(run_dir, lines) if lines else f"# Range report: {run_dir.name}\n\n"
-    if lines:
+    if lines:  # the plots first: the report links those that exist
         plots(run_dir, lines)
+    text = markdown(run_dir, lines) if lines else f"# Range report: {run_dir.name}\n\n"
     if protection:
         protection_plot(run_dir, protection)
         text += "\n" + "\n".join(protection_markdown(protection))

@@ -47,9 +47,10 @@ from experiments.report import build_report
 from experiments.results import RESULTS_FILE, AuditSummary, CellLine, KeyUsage, append_result, read_results
 from experiments.scenario import Cell, Scenario
 from experiments.victim_process import victim_process
-from victims.recipes import recipe_for, robust_recipe, train_victim
+from victims.recipes import train_victim
 
 COSTS_FILE = "costs.json"
+REFERENCES_DIR = "references"
 VICTIM_FILE = "victim.json"
 AUDIT_POINTS = 100
 
@@ -61,14 +62,9 @@ def ensure_victims(scenario: Scenario, data_root: Path | None = None) -> dict[st
     folders: dict[str, Path] = {}
     for victim in scenario.victims:
         folder = scenario.model_store / victim.model
-        if victim.profile is not None:
-            recipe = (
-                robust_recipe(victim.profile)
-                if victim.robust
-                else recipe_for(victim.kind, victim.profile, victim.defense, **victim.defense_params)
-            )
-            if recipe.name == victim.model:
-                train_victim(recipe, scenario.model_store, data_root=data_root)
+        recipe = victim.recipe()
+        if recipe is not None and recipe.name == victim.model:
+            train_victim(recipe, scenario.model_store, data_root=data_root)
         if not (folder / CARD_FILE).is_file():
             raise FileNotFoundError(
                 f"victim {victim.model!r} is not in {scenario.model_store} "
@@ -156,6 +152,8 @@ def steal(
         data_root=data_root,
         progress=progress,
         cache_namespace=f"{scenario.name}/{cell.served_name}",
+        # <run>/cells/<id> -> <run>/references: reference scores measured once per run
+        reference_cache=out.parent.parent / REFERENCES_DIR,
     )
     family = cell.attack.family
     return family.run(shared, scenario.evaluation_for(family))
@@ -276,6 +274,7 @@ def run_scenario(
         results.unlink(missing_ok=True)
         (run_dir / COSTS_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / PROTECTION_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / REFERENCES_DIR, ignore_errors=True)
     (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
     finished = {line.cell for line in read_results(run_dir) if line.ok}
     cells = scenario.cells()

@@ -42,7 +42,7 @@ from common.datasets import DATASETS
 from common.models import ModelKind
 from defenses.base import DefensePipeline
 from defenses.detectors import build_detector
-from victims.recipes import recipe_for, robust_recipe
+from victims.recipes import VictimRecipe, recipe_for, robust_recipe
 
 NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -64,6 +64,17 @@ class VictimSpec(Strict):
     )
     defense_params: dict[str, Any] = Field(default_factory=dict)
     robust: bool = Field(False, description="the PGD adversarially trained encoder recipe")
+    objective: Literal["supervised", "simclr"] | None = Field(
+        None, description="an encoder's recipe: supervised backbone or SimCLR (default: the profile's)"
+    )
+
+    def recipe(self) -> VictimRecipe | None:
+        """The recipe that makes this victim (None without a profile: it must be in the store)."""
+        if self.profile is None:
+            return None
+        if self.robust:
+            return robust_recipe(self.profile)
+        return recipe_for(self.kind, self.profile, self.defense, self.objective, **self.defense_params)
 
 
 class DefenseSpec(Strict):
@@ -266,15 +277,15 @@ class Scenario(Strict):
                 and (victim.kind != "encoder" or robust_name != victim.model)
             ):
                 raise ValueError(f"victims.{i}.robust: the robust recipe makes the encoder {robust_name!r}")
-            if victim.defense is not None:
+            if victim.defense is not None or victim.objective is not None:
                 try:
-                    recipe = recipe_for(
-                        victim.kind, victim.profile or "quick", victim.defense, **victim.defense_params
-                    )
+                    recipe = victim.recipe()
                 except (ValueError, ValidationError) as exc:
-                    raise ValueError(f"victims.{i}.defense: {exc}") from None
-                if victim.profile is not None and recipe.name != victim.model:
-                    raise ValueError(f"victims.{i}.model: the {victim.defense} recipe makes {recipe.name!r}")
+                    where = "defense" if victim.defense is not None else "objective"
+                    raise ValueError(f"victims.{i}.{where}: {exc}") from None
+                if recipe is not None and recipe.name != victim.model:
+                    made_by = victim.defense or victim.objective
+                    raise ValueError(f"victims.{i}.model: the {made_by} recipe makes {recipe.name!r}")
         for victim in self.victims:
             if not any(attack.kind == victim.kind for attack in self.attacks):
                 raise ValueError(f"victims: {victim.model} is a {victim.kind} and no attack steals one")

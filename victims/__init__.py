@@ -7,7 +7,8 @@ from victims.recipes import (
     quick_recipes,
     recipe_for,
     robust_recipe,
+    simclr_recipe,
     train_victim,
 )
 
-__all__ = ["VictimRecipe", "quick_recipes", "recipe_for", "robust_recipe", "train_victim"]
+__all__ = ["VictimRecipe", "quick_recipes", "recipe_for", "robust_recipe", "simclr_recipe", "train_victim"]

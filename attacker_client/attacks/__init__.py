@@ -5,7 +5,8 @@ Encoder family (:class:`EncoderAttack`, :mod:`attacker_client.attacks.base`):
 
 - ``rda``: RDA, Wu et al., ECCV 2024 (prototypes queried once, Discriminate + Align)
 - ``stolen_encoder``: StolenEncoder, Liu et al., CCS 2022 (MSE on clean + augmented views)
-- ``cont_steal``: Cont-Steal, Sha et al., CVPR 2023 (contrastive)
+- ``cont_steal``: Cont-Steal, Sha et al., CVPR 2023 (contrastive, fresh victim views every step)
+- ``cont_steal_once``: Cont-Steal with the victim queried once per view, before training
 - ``conventional``: end-to-end stealing that queries the victim every epoch
 
 Classifier family (:class:`ClassifierAttack`, :mod:`attacker_client.attacks.classifier`):
@@ -18,7 +19,16 @@ Robustness family:
 - ``rrm``: Robust Representation Matching, Vaishnavi et al., USENIX Security 2022
 """
 
-from attacker_client.attacks import cont_steal, conventional, ensemble, knockoff, rda, rrm, stolen_encoder
+from attacker_client.attacks import (
+    cont_steal,
+    cont_steal_once,
+    conventional,
+    ensemble,
+    knockoff,
+    rda,
+    rrm,
+    stolen_encoder,
+)
 from attacker_client.attacks.base import EmbedOracle, EncoderAttack, EncoderAttackParams, StealingResult
 from attacker_client.attacks.classifier import ClassifierAttack, ClassifierAttackParams
 from attacker_client.attacks.contract import ATTACKS, Attack, AttackParams, build_attack
@@ -37,6 +47,7 @@ __all__ = [
     "StealingResult",
     "build_attack",
     "cont_steal",
+    "cont_steal_once",
     "conventional",
     "ensemble",
     "knockoff",

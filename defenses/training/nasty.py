@@ -2,12 +2,24 @@
 ICLR 2021): a teacher trained to keep its accuracy while its softened outputs move as far as
 possible from a normal network's, so that a student distilling them learns less.
 
-``L = CE(f(x), y) - ω·τ²·KL(softmax(f_a(x) / τ) || softmax(f(x) / τ))`` with ``f_a`` the frozen
-baseline (the paper's "adversarial network"); defaults ω = 0.04 and τ = 4 (the paper's CIFAR-10
-setting). Trained from scratch on the baseline's private data.
+``L = CE(f(x), y) - ω·τ²·KL(softmax(f(x) / τ) || softmax(f_a(x) / τ))`` with ``f`` the teacher being
+trained and ``f_a`` the frozen baseline (the paper's "adversarial network"). The direction is the
+released code's (``train_nasty.py`` in VITA-Group/Nasty-Teacher):
+``nn.KLDivLoss(reduction='batchmean')(F.log_softmax(output_stu / T), F.softmax(output_tch / T)) * T * T``
+with ``output_stu`` the adversarial (baseline) network's logits and ``output_tch`` the teacher's;
+torch's ``KLDivLoss(input=log q, target=p)`` is ``KL(p || q)``, so the teacher maximises
+KL(teacher || baseline), the order in which the paper writes the term too. The released loss adds
+the constant 100 "to make the loss positive", which changes no gradient and is left out here.
+``kl_direction="baseline_teacher"`` maximises KL(baseline || teacher) instead (this project's
+earlier form: it weights the classes by the baseline's probabilities rather than the teacher's).
+
+Defaults ω = 0.04 and τ = 4 (the released CIFAR-10 ``params.json``: ``weight`` 0.04,
+``temperature`` 4). Trained from scratch on the baseline's private data.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +33,14 @@ from defenses.training.base import TEACHER_DEFENSES, TeacherDefense, TeacherDefe
 
 
 class NastyParams(TeacherDefenseParams):
-    """The paper's CIFAR-10 weights."""
+    """The released CIFAR-10 weights and KL direction."""
 
     omega: float = Field(0.04, ge=0, description="weight of the (negated) KL term")
     temperature: float = Field(4.0, gt=0, description="τ of both softmaxes")
+    kl_direction: Literal["teacher_baseline", "baseline_teacher"] = Field(
+        "teacher_baseline",
+        description="KL(teacher || baseline) as released, or KL(baseline || teacher)",
+    )
 
 
 def nasty_loss(
@@ -33,11 +49,18 @@ def nasty_loss(
     baseline_logits: torch.Tensor,
     omega: float,
     temperature: float,
+    kl_direction: str = "teacher_baseline",
 ) -> torch.Tensor:
-    """The Nasty Teacher objective of the module docstring."""
-    log_q = F.log_softmax(logits.float() / temperature, dim=1)
-    p = torch.softmax(baseline_logits.detach().float() / temperature, dim=1)
-    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=1).mean()
+    """The Nasty Teacher objective of the module docstring; the KL is summed over classes and
+    averaged over the batch (``reduction='batchmean'``)."""
+    log_teacher = F.log_softmax(logits.float() / temperature, dim=1)
+    log_baseline = F.log_softmax(baseline_logits.detach().float() / temperature, dim=1)
+    if kl_direction == "teacher_baseline":
+        kl = (log_teacher.exp() * (log_teacher - log_baseline)).sum(dim=1).mean()
+    elif kl_direction == "baseline_teacher":
+        kl = (log_baseline.exp() * (log_baseline - log_teacher)).sum(dim=1).mean()
+    else:
+        raise ValueError(f"kl_direction must be teacher_baseline or baseline_teacher, not {kl_direction!r}")
     return F.cross_entropy(logits.float(), labels) - omega * temperature**2 * kl
 
 
@@ -70,7 +93,9 @@ class NastyTeacher(TeacherDefense):
                 reference = baseline(x)
             with autocast(device):
                 logits = net(x)
-            return nasty_loss(logits, labels[batch.to(device)], reference, p.omega, p.temperature)
+            return nasty_loss(
+                logits, labels[batch.to(device)], reference, p.omega, p.temperature, p.kl_direction
+            )
 
         run_steps(fresh, len(data), step, cfg, description="Nasty teacher", progress=progress)
         return fresh

@@ -46,6 +46,7 @@ def test_one_registry_holds_every_family_and_rejects_unknowns() -> None:
     families = {name: cls.family for name, cls in ATTACKS.items()}
     assert families == {
         "cont_steal": "encoder",
+        "cont_steal_once": "encoder",
         "conventional": "encoder",
         "rda": "encoder",
         "stolen_encoder": "encoder",
@@ -65,7 +66,16 @@ def test_parameters_are_validated_at_construction() -> None:
     p = attack.params
     assert (p.n_views, p.train_views, p.temperature, p.alpha, p.beta) == (10, 5, 0.07, 1.0, 1.0)
     assert (p.lr, p.weight_decay, p.batch_size, p.epochs) == (1e-3, 1e-4, 100, 100)
-    assert build_attack("stolen_encoder").params.aug_weight == 20.0
+    stolen = build_attack("stolen_encoder").params
+    assert (stolen.aug_weight, stolen.loss, stolen.normalize) == (20.0, "mse", True)
+    assert stolen.train_view == "rda_train"
+    cont = build_attack("cont_steal").params
+    assert (cont.temperature, cont.query_view, cont.train_view, cont.cross_anchor) == (
+        0.07,
+        "rda_train",
+        "rda_train",
+        "victim",
+    )
     with pytest.raises(pydantic.ValidationError, match="extra"):
         build_attack("rda", {"n_view": 3})
     with pytest.raises(pydantic.ValidationError):
@@ -110,7 +120,10 @@ def test_rda_queries_every_view_once_before_training() -> None:
     [
         ("rda", {"n_views": 3, "train_views": 2}, 60, 60),
         ("stolen_encoder", {}, 40, 40),
-        ("cont_steal", {"query_views": 2}, 40, 40),
+        # Fresh views every step: 64 samples fit, max_steps 3 x batch 8 = 24 queries.
+        ("cont_steal", {}, 40, 24),
+        ("cont_steal_once", {"query_views": 2}, 40, 40),
+        ("stolen_encoder", {"normalize": False, "train_view": "stolen_encoder"}, 40, 40),
         # 4 epochs of 10 samples planned; max_steps 3 at 1 step per epoch runs 3 epochs: 30 queries.
         ("conventional", {"epochs": 4, "batch_size": 10}, 40, 30),
     ],
@@ -180,3 +193,54 @@ def test_none_preset_gives_the_clean_image() -> None:
         CountingOracle(), POOL, 16, CPU, progress=False
     )
     assert result.queries == 16
+
+
+def test_cont_steal_plans_its_samples_by_the_fresh_views_it_will_ask() -> None:
+    attack = build_attack("cont_steal", {"epochs": 3, "batch_size": 8})
+    assert attack.queries_per_sample() == 3
+    # 15 samples: one batch of 8 per epoch (the partial batch dropped) x 3 epochs = 24 <= 40; 16 would
+    # make two batches per epoch, 48 queries.
+    assert attack.samples_for(40, 64) == 15
+    assert (attack.planned_queries(15), attack.planned_queries(16)) == (24, 48)
+    assert attack.samples_for(10_000, 64) == 64  # capped by the pool
+    assert build_attack("cont_steal", TINY).samples_for(40, 64) == 64  # max_steps 3: 24 queries at most
+    with pytest.raises(ValueError, match="does not buy"):
+        attack.samples_for(5, 64)  # 2 samples x 3 epochs = 6 > 5
+
+
+def test_cont_steal_queries_fresh_views_at_every_step() -> None:
+    oracle = CountingOracle()
+    result = build_attack("cont_steal", {"epochs": 3, "batch_size": 8}).steal(
+        oracle, POOL, 40, CPU, progress=False
+    )
+    # One call per step (step 0's fetched before training to size the surrogate), 8 images each.
+    assert [len(c) for c in oracle.calls] == [8, 8, 8]
+    assert result.samples == 15 and result.queries == oracle.asked == 24 <= 40
+    asked = np.concatenate(oracle.calls).reshape(24, -1)
+    assert len({a.tobytes() for a in asked}) == 24  # every view is fresh
+    clean = {img.tobytes() for img in POOL.images.numpy().reshape(64, -1)}
+    assert not any(a.tobytes() in clean for a in asked)  # augmented, not the clean images
+    # The same seed asks for the same bytes again (a cache answers a rerun).
+    again = CountingOracle()
+    build_attack("cont_steal", {"epochs": 3, "batch_size": 8}).steal(again, POOL, 40, CPU, progress=False)
+    np.testing.assert_array_equal(np.concatenate(again.calls), np.concatenate(oracle.calls))
+
+
+def test_cont_steal_never_asks_past_its_budget() -> None:
+    from attacker_client.attacks.cont_steal import _StepQueries
+
+    attack = build_attack("cont_steal", {"epochs": 1, "batch_size": 4})
+    oracle = CountingOracle()
+    queries = _StepQueries(attack, oracle, POOL, budget=6)  # type: ignore[arg-type]
+    assert queries.fetch(torch.arange(4)).shape == (4, DIM)
+    with pytest.raises(RuntimeError, match="budget"):
+        queries.fetch(torch.arange(4, 8))
+    assert oracle.asked == 4
+
+
+def test_cont_steal_once_queries_before_training() -> None:
+    oracle = CountingOracle()
+    result = build_attack("cont_steal_once", {**TINY, "query_views": 2}).steal(
+        oracle, POOL, 40, CPU, progress=False
+    )
+    assert len(oracle.calls) == 1 and result.queries == oracle.asked == 40  # 20 samples x 2 views

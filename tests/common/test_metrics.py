@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from common.metrics import (
     knn_accuracy,
     knn_predict,
     l1_distance,
+    linear_cka,
+    linear_map_r2,
     linear_probe,
     mlp_probe,
 )
@@ -84,6 +87,104 @@ def test_embedding_fidelity_vs_loop():
     assert got["l2_normalised"] == pytest.approx(sum(l2n) / 7, abs=1e-6)
     same = embedding_fidelity(a, 3.0 * a)
     assert same["cosine"] == pytest.approx(1.0) and same["l2_normalised"] == pytest.approx(0.0, abs=1e-7)
+
+
+def cka_reference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Kornblith et al. (ICML 2019), Eqs. 3-4 literally: HSIC(K, L) = tr(K H L H) / (n - 1)^2 with
+    linear kernels K = X X^T, L = Y Y^T and the centring matrix H = I - 11^T / n."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    k, l_ = x @ x.T, y @ y.T
+
+    def hsic(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.trace(a @ h @ b @ h).item() / (n - 1) ** 2
+
+    return hsic(k, l_) / math.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def r2_reference(x: torch.Tensor, y: torch.Tensor, fit: int, ridge: float = 0.0) -> float:
+    """Least squares with an explicit column of ones (numpy's lstsq, or the ridge normal equations on
+    centred data), fitted on the first ``fit`` rows, 1 - SS_res / SS_tot on the others."""
+    xs, ys = x.double().numpy(), y.double().numpy()
+    if ridge == 0.0:
+        design = np.hstack([xs[:fit], np.ones((fit, 1))])
+        coef = np.linalg.lstsq(design, ys[:fit], rcond=None)[0]
+        pred = np.hstack([xs[fit:], np.ones((len(xs) - fit, 1))]) @ coef
+    else:
+        xm, ym = xs[:fit].mean(0), ys[:fit].mean(0)
+        xc, yc = xs[:fit] - xm, ys[:fit] - ym
+        w = np.linalg.solve(xc.T @ xc + ridge * np.eye(xs.shape[1]), xc.T @ yc)
+        pred = (xs[fit:] - xm) @ w + ym
+    res = ((ys[fit:] - pred) ** 2).sum()
+    tot = ((ys[fit:] - ys[fit:].mean(0)) ** 2).sum()
+    return float(1 - res / tot)
+
+
+def orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_linear_cka_vs_the_papers_hsic_formula():
+    a = torch.randn(20, 6, generator=gen(0), dtype=torch.float64)
+    b = a[:, :4] @ torch.randn(4, 3, generator=gen(1), dtype=torch.float64) + 0.5 * torch.randn(
+        20, 3, generator=gen(2), dtype=torch.float64
+    )
+    assert linear_cka(a, b) == pytest.approx(cka_reference(a, b), abs=1e-12)
+    assert 0.0 < linear_cka(a, b) < 1.0
+    assert linear_cka(a, b) == pytest.approx(linear_cka(b, a), abs=1e-12)  # symmetric
+    assert linear_cka(a, a) == pytest.approx(1.0, abs=1e-12)
+    # One dimension each: linear CKA is the squared Pearson correlation.
+    u, v = torch.tensor([[1.0], [2.0], [3.0], [5.0]]), torch.tensor([[2.0], [1.0], [4.0], [4.0]])
+    r = np.corrcoef(u.numpy().ravel(), v.numpy().ravel())[0, 1]
+    assert linear_cka(u, v) == pytest.approx(r**2, abs=1e-7)
+    with pytest.raises(ValueError):
+        linear_cka(a, b[:5])
+
+
+def test_linear_map_r2_vs_least_squares_reference():
+    x = torch.randn(40, 3, generator=gen(3), dtype=torch.float64)
+    y = x @ torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 1.0]], dtype=torch.float64) + 0.3
+    y = y + 0.5 * torch.randn(40, 2, generator=gen(4), dtype=torch.float64)
+    got = linear_map_r2(x, y)
+    assert got == pytest.approx(r2_reference(x, y, 20), abs=1e-10)
+    assert linear_map_r2(x, y, fit=30) == pytest.approx(r2_reference(x, y, 30), abs=1e-10)
+    assert linear_map_r2(x, y, ridge=2.0) == pytest.approx(r2_reference(x, y, 20, ridge=2.0), abs=1e-10)
+    assert 0.5 < got < 1.0
+    exact = x @ torch.randn(3, 4, generator=gen(5), dtype=torch.float64) - 1.0
+    assert linear_map_r2(x, exact) == pytest.approx(1.0, abs=1e-10)
+    # Unrelated noise: about 0 (negative is allowed: worse than predicting the mean).
+    assert linear_map_r2(x, torch.randn(40, 2, generator=gen(6), dtype=torch.float64)) < 0.3
+    with pytest.raises(ValueError):
+        linear_map_r2(x, y, fit=39)
+
+
+def test_invariant_fidelities_are_invariant_and_cosine_is_not():
+    """A B4B-like map of the surrogate's side (orthogonal x isotropic scale + shift) leaves CKA and
+    R^2 unchanged and wrecks cosine; R^2 is invariant to any invertible affine map, CKA is not."""
+    victim = torch.randn(200, 8, generator=gen(7), dtype=torch.float64)
+    surrogate = victim + 0.4 * torch.randn(200, 8, generator=gen(8), dtype=torch.float64)
+    q, shift = orthogonal(8, 9), torch.randn(8, generator=gen(10), dtype=torch.float64)
+    moved = 2.5 * surrogate @ q + shift
+    assert linear_cka(moved, victim) == pytest.approx(linear_cka(surrogate, victim), abs=1e-10)
+    assert linear_cka(victim, 0.3 * victim @ q - 4.0) == pytest.approx(1.0, abs=1e-10)
+    assert linear_map_r2(moved, victim) == pytest.approx(linear_map_r2(surrogate, victim), abs=1e-9)
+    general = torch.randn(8, 8, generator=gen(11), dtype=torch.float64) + 3 * torch.eye(
+        8, dtype=torch.float64
+    )
+    skewed = surrogate @ general + shift
+    assert linear_map_r2(skewed, victim) == pytest.approx(linear_map_r2(surrogate, victim), abs=1e-9)
+    assert linear_cka(skewed, victim) < linear_cka(surrogate, victim) - 0.01
+    # Fewer fit rows than dimensions (min-norm fit): still invariant to orthogonal x scale + shift.
+    wide_v = torch.randn(30, 50, generator=gen(12), dtype=torch.float64)
+    wide_s = wide_v + 0.2 * torch.randn(30, 50, generator=gen(13), dtype=torch.float64)
+    wide_moved = 0.7 * wide_s @ orthogonal(50, 14) + 1.0
+    assert linear_map_r2(wide_moved, wide_v) == pytest.approx(linear_map_r2(wide_s, wide_v), abs=1e-9)
+    # Cosine is not invariant: the same surrogate reads as "another space".
+    before = embedding_fidelity(surrogate, victim)["cosine"]
+    after = embedding_fidelity(moved, victim)["cosine"]
+    assert before > 0.9 and abs(after) < 0.5
 
 
 def knn_brute_force(train, train_labels, test, classes, k, temperature):

@@ -26,6 +26,8 @@ from defenses.output.adaptive_misinformation import (
 )
 from defenses.output.mad import (
     MAD,
+    argmax_preserving_target,
+    line_search,
     log_likelihood_jacobian,
     mad_objective,
     reinitialised,
@@ -66,6 +68,10 @@ def test_mad_params_are_checked() -> None:
         MAD(norm="linf")
     with pytest.raises(ValidationError):
         MAD(jacobian="some")
+    with pytest.raises(ValidationError):
+        MAD(objective="angle")
+    with pytest.raises(ValidationError):
+        MAD(argmax_method="clip")
     with pytest.raises(RuntimeError, match="bind"):
         MAD().apply(torch.full((1, 4), 0.25), context_for(torch.rand(1, 1, 4, 4)))
 
@@ -96,6 +102,8 @@ def test_vertex_objectives_are_the_objective_at_each_vertex() -> None:
     # The literal objective: ||u/|u| - v/|v|||^2 with u = G^T y~, v = G^T y.
     u, v = G[0].T @ torch.eye(5, dtype=torch.float64)[3], G[0].T @ y[0]
     assert table[0, 3].item() == pytest.approx(float((u / u.norm() - v / v.norm()).pow(2).sum()))
+    # The unnormalised objective (the released class default, objmax False): ||G^T e_k - G^T y||^2.
+    assert vertex_objectives(G, y, "unnormalised")[0, 3].item() == pytest.approx(float((u - v).pow(2).sum()))
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,12 +126,35 @@ def test_step_stays_a_distribution_within_the_bound(
     assert (distance <= epsilon + 1e-9).all()
     if preserve:
         assert torch.equal(y_tilde.argmax(dim=1), y.argmax(dim=1))
-    # Full step when the bound allows it: the vertex itself.
+    # Full step when the bound allows it (a = epsilon / (reach + 1e-7) >= 1): the vertex itself.
     vertex = torch.nn.functional.one_hot(target, classes).double()
     reach = (vertex - y).abs().sum(dim=1) if norm == "l1" else (vertex - y).norm(dim=1)
     if not preserve:
-        for i in torch.nonzero(reach <= epsilon).flatten():
+        for i in torch.nonzero(reach + 1e-7 <= epsilon).flatten():
             torch.testing.assert_close(y_tilde[i], vertex[i])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    classes=st.sampled_from([2, 3, 5, 10, 11, 14]),
+    epsilon=st.floats(0.0, 2.0),
+    norm=st.sampled_from(["l1", "l2"]),
+    objective=st.sampled_from(["normalised", "unnormalised"]),
+)
+def test_mad_argmax_search_keeps_the_label_within_the_bound(
+    seed: int, classes: int, epsilon: float, norm: str, objective: str
+) -> None:
+    y = distributions(3, classes, seed)
+    G = torch.randn(3, classes, 9, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gram = G @ G.transpose(1, 2)
+    y_star = torch.stack([argmax_preserving_target(gram[i], y[i], objective) for i in range(3)])
+    torch.testing.assert_close(y_star.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(y_star.argmax(dim=1), y.argmax(dim=1))
+    y_tilde = line_search(y, y_star, epsilon, norm)
+    assert (y_tilde >= 0).all() and torch.equal(y_tilde.argmax(dim=1), y.argmax(dim=1))
+    distance = (y_tilde - y).abs().sum(dim=1) if norm == "l1" else (y_tilde - y).norm(dim=1)
+    assert (distance <= epsilon + 1e-9).all()
 
 
 def test_mad_defense_end_to_end() -> None:
@@ -131,7 +162,7 @@ def test_mad_defense_end_to_end() -> None:
     model = Tiny().eval()
     x = torch.rand(16, 1, 4, 4)
     y = torch.softmax(model(x).detach() * 4, dim=1)
-    mad = MAD(epsilon=0.4, proxy_seed=3)
+    mad = MAD(epsilon=0.4, proxy_seed=3, jacobian="all")
     mad.bind(model, None, None)  # type: ignore[arg-type]
     out = mad.apply(y, context_for(x))
     assert out.dtype == y.dtype and out.shape == y.shape
@@ -147,9 +178,9 @@ def test_mad_defense_end_to_end() -> None:
     assert (mad_objective(G.double(), out.double(), y.double()) > 1e-4).all()
     # The proxy is not the victim (whose own G^T y is ~0) and its seed matters.
     assert not torch.equal(mad.proxy.head.weight, model.head.weight)
-    last = MAD(epsilon=0.4, jacobian="last_layer")
+    last = MAD(epsilon=0.4)  # the released default: the last layer's weight
     last.bind(model, None, None)  # type: ignore[arg-type]
-    assert last.names == ("head.weight", "head.bias")
+    assert last.names == ("head.weight",)
 
 
 # ---------------------------------------------------------------------------- Adaptive Misinformation

@@ -1,5 +1,6 @@
-"""Training-time defenses: the AST and Nasty Teacher losses against literal formulas, AST keeping a
-plain teacher's accuracy on a tiny run, and defended victims from ``train_victim``."""
+"""Training-time defenses: the AST and Nasty Teacher losses against literal formulas (Nasty Teacher's
+as ``train_nasty.py`` computes it), AST keeping a plain teacher's accuracy on a tiny run, and
+defended victims from ``train_victim``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import nn
 
 from common.checkpoints import load_checkpoint
 from common.datasets import make_synthetic
@@ -67,14 +69,47 @@ def test_ast_loss_against_a_literal_computation(divergence: str) -> None:
     )
 
 
-def test_nasty_loss_against_a_literal_computation() -> None:
+def released_nasty_loss(
+    output_tch: torch.Tensor, output_stu: torch.Tensor, labels_batch: torch.Tensor, T: float, weight: float
+) -> torch.Tensor:
+    """``train_epoch_kd_adv`` of ``train_nasty.py`` (VITA-Group/Nasty-Teacher), transcribed:
+    ``output_tch`` the teacher being trained, ``output_stu`` the frozen adversarial (baseline) net."""
+    tch_loss = nn.CrossEntropyLoss()(output_tch, labels_batch)
+    output_stu = output_stu.detach()
+    adv_loss = nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(output_stu / T, dim=1), F.softmax(output_tch / T, dim=1)
+    ) * (T * T)  # wish to max this item
+    loss = tch_loss - weight * adv_loss + 100.0  # make the loss positive by adding a constant
+    return loss
+
+
+@pytest.mark.parametrize(("seed", "omega", "t"), [(0, 0.04, 4.0), (1, 0.04, 4.0), (2, 0.5, 2.0)])
+def test_nasty_loss_is_the_released_train_nasty(seed: int, omega: float, t: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(16, 10, generator=generator) * 3).requires_grad_()
+    baseline = torch.randn(16, 10, generator=generator) * 3
+    labels = torch.randint(0, 10, (16,), generator=generator)
+    ours = nasty_loss(logits, labels, baseline, omega, t)  # default: KL(teacher || baseline)
+    released = released_nasty_loss(logits, baseline, labels, t, omega)
+    torch.testing.assert_close(ours + 100.0, released)  # the released constant changes no gradient
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    (released_grad,) = torch.autograd.grad(released, logits)
+    torch.testing.assert_close(ours_grad, released_grad)
+    assert TEACHER_DEFENSES.build("nasty").params.kl_direction == "teacher_baseline"  # type: ignore[attr-defined]
+
+
+def test_nasty_loss_other_direction_against_a_literal_computation() -> None:
     generator = torch.Generator().manual_seed(1)
     logits, reference = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
     labels = torch.tensor([0, 1, 2, 1])
     p, q = torch.softmax(reference / 2, 1), torch.softmax(logits / 2, 1)
-    kl = (p * (p.log() - q.log())).sum(1).mean()
+    kl = (p * (p.log() - q.log())).sum(1).mean()  # KL(baseline || teacher)
     expected = F.cross_entropy(logits, labels) - 0.5 * 4 * kl
-    assert torch.allclose(nasty_loss(logits, labels, reference, 0.5, 2.0), expected, atol=1e-6)
+    got = nasty_loss(logits, labels, reference, 0.5, 2.0, "baseline_teacher")
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(nasty_loss(logits, labels, reference, 0.5, 2.0), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="kl_direction"):
+        nasty_loss(logits, labels, reference, 0.5, 2.0, "both")
 
 
 def test_ast_teacher_keeps_near_plain_accuracy_on_a_tiny_run() -> None:

@@ -75,3 +75,21 @@ def test_robust_recipe_serves_an_adversarially_trained_representation(tmp_path: 
     assert robust_recipe().adversarial.model_dump() == {"eps": 0.1, "step_size": 0.025, "steps": 5}  # type: ignore[union-attr]
     assert isinstance(robust_recipe().adversarial.steps, int)  # type: ignore[union-attr]
     assert robust_recipe("paper").architecture == "resnet18"
+
+
+def test_supervised_encoder_serves_its_classifier_backbone(tmp_path: Path) -> None:
+    """The quick encoder is a supervised backbone (worth stealing); the SimCLR one stays available."""
+    quick = recipe_for("encoder", "quick")
+    assert quick.objective == "supervised" and quick.name == "fmnist-encoder"
+    simclr = recipe_for("encoder", "quick", objective="simclr")
+    assert simclr.objective == "simclr" and simclr.name == "fmnist-simclr-encoder"
+    assert recipe_for("encoder", "paper").objective == "simclr"
+    assert recipe_for("encoder", "paper", objective="supervised").name == "cifar10-encoder-supervised"
+    with pytest.raises(ValueError, match="encoder recipes"):
+        recipe_for("classifier", "quick", objective="simclr")
+
+    recipe = tiny("encoder").model_copy(update={"name": "tiny-supervised", "objective": "supervised"})
+    card = train_victim(recipe, tmp_path, progress=False)
+    assert set(card.metrics) == {"test_accuracy", "linear_probe_accuracy", "knn_accuracy"}
+    _, loaded = load_checkpoint(tmp_path / recipe.name)
+    assert loaded.kind == "encoder"
