@@ -167,13 +167,18 @@ def how_fast_markdown(groups: dict[GroupKey, CellGroup], rate: KeyRate | None) -
             "the attacker's no-query alternative): nothing to time.",
             "",
         ]
-    limit = None if rate is None else rate.rate
+    limit = None if rate is None else rate.effective
     if rate is None:
         rate_text = "the key's rate limit is unknown (the run has no `scenario.yaml`)"
     elif limit is None:
-        rate_text = "the keys had no rate limit (the scenario's `rate` is unset)"
-    else:
+        rate_text = "the keys had no rate limit (the scenario's `rate` and `report_rate` are unset)"
+    elif rate.rate is not None:
         rate_text = f"time is queries / the key's rate limit ({limit:g} images/s, the scenario's `rate`)"
+    else:
+        rate_text = (
+            f"time is queries / a planned per-key limit of {limit:g} images/s (the scenario's "
+            "`report_rate`; the range's own keys ran unlimited)"
+        )
     out += [
         "Queries the server charged until the stolen model recovers 50 % and 90 % of the victim's gain "
         "over the attacker's no-query alternative (`(stolen - no-query) / (victim - no-query)`, the "

@@ -178,6 +178,12 @@ class Scenario(Strict):
     budgets: list[int] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     rate: float | None = Field(None, gt=0, description="each cell's key: images/s (null: unlimited)")
+    report_rate: float | None = Field(
+        None,
+        gt=0,
+        description="images/s the report converts queries to time at when the range's keys run "
+        "unlimited (a provider's planned per-key limit); ignored when rate is set",
+    )
     burst: int | None = Field(None, ge=1)
     query_set: str = "fashion_mnist"
     query_split: Literal["train", "test", "attacker"] = "attacker"

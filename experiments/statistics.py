@@ -350,6 +350,12 @@ class KeyRate(BaseModel):
 
     rate: float | None = None
     burst: int | None = None
+    report_rate: float | None = None
+
+    @property
+    def effective(self) -> float | None:
+        """The keys' rate limit, else the planned per-key rate the report converts at."""
+        return self.rate if self.rate is not None else self.report_rate
 
 
 def key_rate(run_dir: Path) -> KeyRate | None:

@@ -388,3 +388,15 @@ def test_a_victim_below_the_no_query_alternative_is_not_timed(tmp_path: Path):
     assert "| enc | rda | b4b | not reached (> 4k)" in report
     assert "Not timed (no cell measured the gain recovered: the victim does not beat" in report
     assert report.split("Not timed")[1].split("\n")[0].endswith(": enc/rda/none.")
+
+
+def test_report_rate_times_an_unlimited_range(tmp_path: Path) -> None:
+    """Keys that ran unlimited in the range are timed at the scenario's planned ``report_rate``."""
+    run_dir = write_run(tmp_path / "run", matrix(3), rate=None)
+    (run_dir / "scenario.yaml").write_text(yaml.safe_dump({"name": "synthetic", "report_rate": 2.0}))
+    report = build_report(run_dir).read_text()
+    assert "planned per-key limit of 2 images/s" in report and "14 min [" in report
+    (run_dir / "scenario.yaml").write_text(
+        yaml.safe_dump({"name": "synthetic", "rate": 4.0, "report_rate": 2.0})
+    )
+    assert "rate limit (4 images/s" in build_report(run_dir).read_text()
