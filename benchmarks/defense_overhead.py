@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import tempfile
 import time
@@ -33,7 +34,7 @@ from defenses.output.adaptive_misinformation import MISINFORMATION_FOLDER, train
 from experiments.victim_process import victim_process
 from victims.recipes import recipe_for, train_victim
 
-ADMIN_TOKEN = "benchmark-admin"
+ADMIN_TOKEN = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
 DEFENSES: dict[str, list[dict[str, Any]]] = {
     "fmnist-classifier": [
         {"name": "label_only"},

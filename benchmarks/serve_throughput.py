@@ -16,6 +16,7 @@ Targets (issue): API binary / raw forward >= 0.85; accounting adds <= 1 ms p50 p
 from __future__ import annotations
 
 import argparse
+import secrets
 import statistics
 import tempfile
 import time
@@ -114,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = ensure_store(args.store)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, 1, 28, 28), dtype=np.uint8)
-    token = "benchmark-admin"
+    token = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
     env = {"STEALRANGE_TORCH_THREADS": str(args.threads), "STEALRANGE_ADMIN_TOKEN": token}
     raw = raw_forward(store, images, args.repeats)
     with victim_process(store, args.redis_url, env=env) as url:

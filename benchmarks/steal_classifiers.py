@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from experiments.victim_process import victim_process
 from victims.recipes import recipe_for, train_victim
 
 MODEL = "fmnist-classifier"
-ADMIN_TOKEN = "benchmark-admin"
+ADMIN_TOKEN = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
 
 
 def make_key(url: str, name: str, budget: int) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from victims.recipes import recipe_for, train_victim
 
 ATTACKS = ("rda", "stolen_encoder", "cont_steal")
 MODEL = "fmnist-encoder"
-ADMIN_TOKEN = "benchmark-admin"
+ADMIN_TOKEN = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
 
 
 def make_key(url: str, budget: int) -> str:

@@ -10,6 +10,8 @@ the first request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -116,7 +118,13 @@ def create_app(
         # startup, where a failed factory would be restarted forever.
         embedded_lock = claim_embedded_redis() if embedded else None
         await secrets.resolve(redis)
+        flusher = asyncio.create_task(stats.run_flusher())
         yield
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        with contextlib.suppress(Exception):
+            await stats.flush()
         await redis.aclose()
         if embedded_lock is not None:
             embedded_lock.close()

@@ -288,12 +288,12 @@ class InferenceService:
             values = await self._run(served, key, batch, pipeline, times)
         except Exception as exc:
             await self.accounting.refund(key.key_id, batch.n, served.name, mode, ids.request_id)
-            await self.stats.record(served.name, times, ok=False)
+            self.stats.record(served.name, times, ok=False)
             logger.exception("inference on %s failed after the charge; refunded", served.name)
             raise ServiceUnavailableError(
                 "inference failed; the request was not charged", code="inference_failed"
             ) from exc
-        await self.stats.record(served.name, times, ok=True)
+        self.stats.record(served.name, times, ok=True)
         return values, headers
 
     async def _pipeline(self, served: ServedModel, key: KeyRecord) -> DefensePipeline:

@@ -13,19 +13,27 @@
 outputs; ``queue`` is the time a request waited for an inference thread, ``compute_input`` the
 time spent turning its decoded images into the model's input, ``compute_infer`` the forward pass
 and ``compute_output`` the defenses and the output tensors. Counters live in one Redis hash per
-model (``<prefix>:stats:<model>``), so every worker and replica adds to the same figures; one
-pipelined round trip per request writes them. There is no response cache: ``cache_*`` stay 0.
+model (``<prefix>:stats:<model>``), so every worker and replica adds to the same figures. A request
+adds its times to the worker's in-memory tally (no Redis round trip on the request path); the tally
+is flushed to Redis by one pipelined round trip every :data:`FLUSH_SECONDS`, when the statistics are
+read through this worker, and at shutdown, so another worker's last second may lag. There is no
+response cache: ``cache_*`` stay 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
 from server.accounting import as_text
+
+logger = logging.getLogger("stealrange.server")
 
 PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -46,34 +54,61 @@ class RequestTimes:
         return time.perf_counter_ns() - self.started_ns
 
 
+FLUSH_SECONDS = 1.0
+
+
 class ModelStats:
     """Adds one request's times to its model's counters and reads them back in Triton's shape."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
+        self._pending: dict[str, Counter[str]] = defaultdict(Counter)
+        self._last_inference: dict[str, int] = {}
 
     def key(self, model: str) -> str:
         return f"{self.prefix}:stats:{model}"
 
-    async def record(self, model: str, times: RequestTimes, ok: bool) -> None:
-        """Add a finished request (``ok``) or a failed one after its charge."""
+    def record(self, model: str, times: RequestTimes, ok: bool) -> None:
+        """Add a finished request (``ok``) or a failed one after its charge to the worker's tally."""
         outcome = "success" if ok else "fail"
-        key = self.key(model)
+        tally = self._pending[model]
+        tally[f"{outcome}_count"] += 1
+        tally[f"{outcome}_ns"] += times.elapsed_ns()
+        if ok:
+            tally["inference_count"] += times.images
+            tally["execution_count"] += times.executions
+            for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+                tally[f"{phase}_count"] += 1
+                tally[f"{phase}_ns"] += getattr(times, f"{phase}_ns")
+            self._last_inference[model] = int(time.time() * 1000)
+
+    async def flush(self) -> None:
+        """Add the worker's tally to the counters in Redis (one pipelined round trip) and clear it."""
+        if not self._pending:
+            return
+        pending, last = self._pending, self._last_inference
+        self._pending, self._last_inference = defaultdict(Counter), {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, f"{outcome}_count", 1)
-            pipe.hincrby(key, f"{outcome}_ns", times.elapsed_ns())
-            if ok:
-                pipe.hincrby(key, "inference_count", times.images)
-                pipe.hincrby(key, "execution_count", times.executions)
-                for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
-                    pipe.hincrby(key, f"{phase}_count", 1)
-                    pipe.hincrby(key, f"{phase}_ns", getattr(times, f"{phase}_ns"))
-                pipe.hset(key, "last_inference", int(time.time() * 1000))
+            for model, tally in pending.items():
+                for name, value in tally.items():
+                    pipe.hincrby(self.key(model), name, value)
+            for model, at in last.items():
+                pipe.hset(self.key(model), "last_inference", at)
             await pipe.execute()
 
+    async def run_flusher(self) -> None:
+        """Flush every :data:`FLUSH_SECONDS` until cancelled (the app's lifespan runs it)."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self.flush()
+            except Exception:  # Redis unavailable: the next flush tries again with a fresh tally
+                logger.warning("could not write inference statistics to Redis", exc_info=True)
+
     async def read(self, model: str, version: str) -> dict[str, Any]:
-        """One model's entry of Triton's ``model_stats`` list."""
+        """One model's entry of Triton's ``model_stats`` list (this worker's tally flushed first)."""
+        await self.flush()
         raw = {as_text(k): int(as_text(v)) for k, v in (await self.redis.hgetall(self.key(model))).items()}
         return {
             "name": model,

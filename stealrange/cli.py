@@ -16,6 +16,7 @@ from attacker_client.cli import attack_app
 from defenses.cli import defenses_app
 from defenses.data import cli as data_cli
 from experiments import range_cli
+from experiments.claims.cli import claims_command
 from server import cli as server_cli
 from stealrange.up import up
 from victims.cli import train_victim_command
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 app.command("run")(range_cli.run_command)
 app.command("report")(range_cli.report_command)
+app.command("claims")(claims_command)
 app.command("up")(up)
 app.command("serve")(server_cli.serve)
 app.command("train-victim")(train_victim_command)
