@@ -199,6 +199,38 @@ class VictimInfo(BaseModel):
     checkpoint: str | None
 
 
+def run_fields(
+    config: StealingRunConfig,
+    attack: Any,
+    version: str,
+    spec: InputSpec,
+    metadata: dict[str, Any],
+    victim_path: Path | None,
+    pool_size: int,
+    victim_info: type[VictimInfo] = VictimInfo,
+    **victim_extra: Any,
+) -> dict[str, Any]:
+    """The fields every family's :class:`RunResult` fills the same way: the attack (name, paper,
+    parameters), the victim as the run saw it (``victim_info`` with ``victim_extra``: the family's
+    own victim fields), the query pool and the budget."""
+    return {
+        "attack": attack.name,
+        "paper": attack.paper,
+        "params": attack.params.model_dump(mode="json"),
+        "victim": victim_info(
+            url=config.url,
+            model=config.model,
+            version=version,
+            input=list(spec.shape),
+            reported_metrics=metadata.get("metrics", {}),
+            checkpoint=str(victim_path) if victim_path else None,
+            **victim_extra,
+        ),
+        "query_set": QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=pool_size),
+        "budget": config.budget,
+    }
+
+
 class QuerySetInfo(BaseModel):
     """The attacker's query pool: dataset, split and size."""
 

@@ -45,7 +45,6 @@ from attacker_client.evaluate_classifier import (
 )
 from attacker_client.runs import (
     SURROGATE_DIR,
-    QuerySetInfo,
     ReportRow,
     RunResult,
     RunSeconds,
@@ -58,6 +57,7 @@ from attacker_client.runs import (
     package_versions,
     queries_record,
     query_pool,
+    run_fields,
     version_of,
     victim_input,
 )
@@ -321,23 +321,20 @@ def steal_classifier(config: ClassifierStealingConfig) -> ClassifierRunResult:
     )
 
     record = ClassifierRunResult(
-        attack=attack.name,
-        paper=attack.paper,
-        params=attack.params.model_dump(mode="json"),
+        **run_fields(
+            config,
+            attack,
+            version,
+            spec,
+            metadata,
+            victim_path,
+            len(pool),
+            ClassifierVictimInfo,
+            classes=classes,
+        ),
         method=result.extra.get("method"),
         method_summary=result.extra.get("method_summary", {}),
         output=mode,
-        victim=ClassifierVictimInfo(
-            url=config.url,
-            model=config.model,
-            version=version,
-            input=list(spec.shape),
-            classes=classes,
-            reported_metrics=metadata.get("metrics", {}),
-            checkpoint=str(victim_path) if victim_path else None,
-        ),
-        query_set=QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=len(pool)),
-        budget=config.budget,
         samples=result.samples,
         queries=queries_record(result.queries, before, after, sent),
         evaluation=evaluation,

@@ -44,7 +44,6 @@ from attacker_client.evaluate import EncoderEvaluation, EvalConfig, evaluate_ste
 from attacker_client.no_query import train_no_query_alternative
 from attacker_client.runs import (
     SURROGATE_DIR,
-    QuerySetInfo,
     ReferenceCache,
     ReportRow,
     RunResult,
@@ -57,6 +56,7 @@ from attacker_client.runs import (
     package_versions,
     queries_record,
     query_pool,
+    run_fields,
     version_of,
     victim_input,
 )
@@ -329,20 +329,17 @@ def steal_encoder(config: EncoderStealingConfig) -> EncoderRunResult | None:
     save_checkpoint(surrogate, card, out / SURROGATE_DIR)
 
     record = EncoderRunResult(
-        attack=attack.name,
-        paper=attack.paper,
-        params=attack.params.model_dump(mode="json"),
-        victim=EncoderVictimInfo(
-            url=config.url,
-            model=config.model,
-            version=version,
-            input=list(spec.shape),
+        **run_fields(
+            config,
+            attack,
+            version,
+            spec,
+            metadata,
+            victim_path,
+            len(pool),
+            EncoderVictimInfo,
             embedding_dim=metadata.get("embedding_dim"),
-            reported_metrics=metadata.get("metrics", {}),
-            checkpoint=str(victim_path) if victim_path else None,
         ),
-        query_set=QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=len(pool)),
-        budget=config.budget,
         samples=result.samples,
         queries=queries_record(result.queries, before, after, sent),
         evaluation=evaluation,

@@ -31,7 +31,6 @@ from rich.table import Table
 from attacker_client.attacks import RobustRepresentationMatching, build_attack
 from attacker_client.attacks.rrm import StudentRun
 from attacker_client.runs import (
-    QuerySetInfo,
     RunResult,
     RunSeconds,
     StealingRunConfig,
@@ -42,6 +41,7 @@ from attacker_client.runs import (
     package_versions,
     queries_record,
     query_pool,
+    run_fields,
     version_of,
     victim_input,
 )
@@ -231,19 +231,7 @@ def steal_robustness(config: RobustnessStealingConfig) -> RobustnessRunResult:
             train_time_vs_pgd_at=student.train_seconds / max(at.train_seconds, 1e-12),
         )
     record = RobustnessRunResult(
-        attack=attack.name,
-        paper=attack.paper,
-        params=attack.params.model_dump(mode="json"),
-        victim=VictimInfo(
-            url=config.url,
-            model=config.model,
-            version=version,
-            input=list(spec.shape),
-            reported_metrics=metadata.get("metrics", {}),
-            checkpoint=str(victim_path) if victim_path else None,
-        ),
-        query_set=QuerySetInfo(name=config.query_set, split=config.query_split, pool_size=len(pool)),
-        budget=config.budget,
+        **run_fields(config, attack, version, spec, metadata, victim_path, len(pool), VictimInfo),
         samples=len(samples),
         queries=queries_record(len(samples), before, after, sent),
         evaluation=RobustnessEvaluation(
