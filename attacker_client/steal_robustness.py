@@ -3,7 +3,8 @@
 1. Read the victim encoder's metadata (input shape, embedding width), the attacker's labelled pool
    (``--query-set``, default the Fashion-MNIST pool the quick victims never trained on).
 2. Read the key's usage, ask the victim for the representations of ``budget`` pool images (one query
-   each, binary tensors, cached), read the usage again.
+   each, binary tensors, cached; with ``-p augment=true -p views=V``, of ``V`` augmented views of
+   ``budget // V`` images), read the usage again.
 3. Train the Robust Representation Matching student (:mod:`attacker_client.attacks.rrm`); then, on
    the same images and labels, the PGD adversarial training reference and a plain student (no
    queries).
@@ -233,7 +234,7 @@ def steal_robustness(config: RobustnessStealingConfig) -> RobustnessRunResult:
     record = RobustnessRunResult(
         **run_fields(config, attack, version, spec, metadata, victim_path, len(pool), VictimInfo),
         samples=len(samples),
-        queries=queries_record(len(samples), before, after, sent),
+        queries=queries_record(len(samples) * attack.queries_per_sample(), before, after, sent),
         evaluation=RobustnessEvaluation(
             eps=eps, steps=spec_eval.eval_steps, test_images=len(test), students=students
         ),

@@ -170,6 +170,17 @@ class Claim(Configurable, abc.ABC):
     """Overrides of :attr:`Params` for the ``ci`` size (seconds, synthetic data)."""
     full_minutes: ClassVar[float] = 0.0
     """Estimated wall minutes of one ``full`` seed on 2 CPU cores (victims already in the store)."""
+    setup_minutes: ClassVar[float] = 0.0
+    """Estimated wall minutes to train what the claim needs once (its victims) on 2 CPU cores."""
+    group: ClassVar[str] = ""
+    """Claims of one group share victims in the store or work in memory (the AST rows share the
+    plain teacher's student): ``stealrange claims --jobs N`` runs a group in one process. Empty:
+    a group of its own."""
+
+    @classmethod
+    def group_name(cls) -> str:
+        """:attr:`group`, or the claim's own name."""
+        return cls.group or cls.name
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,13 @@ from experiments.claims.runner import (
     natural_key,
     run_claims,
 )
+
+
+def default_jobs(size: str, device: str) -> int:
+    """Two jobs for the full size on a CPU of 2 cores or more (a small network gains little from a
+    second torch thread; two single-thread jobs use both cores), one otherwise."""
+    cpu = str(resolve_device(device)) == "cpu"
+    return 2 if size == "full" and cpu and (os.cpu_count() or 1) >= 2 else 1
 
 
 def claims_command(
@@ -39,6 +47,14 @@ def claims_command(
     store: Annotated[Path, typer.Option(help="model store of the victims (full size)")] = DEFAULT_STORE,
     device: Annotated[str, typer.Option(help="cpu, cuda, auto")] = "cpu",
     fresh: Annotated[bool, typer.Option("--fresh", help="measure again, ignoring the cache")] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="processes measuring the claims' groups side by side (default: 2 for the full size "
+            "on a CPU with 2+ cores, else 1)",
+        ),
+    ] = None,
 ) -> None:
     """Measure each paper's headline claim over seeds; write verdicts computed from the intervals."""
     if size not in SIZES:
@@ -57,6 +73,7 @@ def claims_command(
         store=store,
         device=str(resolve_device(device)),
         fresh=fresh,
+        jobs=jobs if jobs is not None else default_jobs(size, device),
     )
     for row in report.rows:
         console.print(f"{row.name}: {row.verdict}")

@@ -7,7 +7,11 @@ verdicts and write ``docs/claims.md`` with its machine-readable twin ``docs/clai
    ``ci`` size gets a model store of its own under the cache (``<cache>/ci/model_store``) so its
    toy victims never land in the real one;
 2. measures seed-major (seed 0 of every claim, then seed 1, ...; claims sharing work, as the SEP
-   radii share their protecting run, find it in memory), each (claim, size, seed) cached as
+   radii share their protecting run, find it in memory); with ``jobs`` > 1 the claims' groups
+   (:attr:`experiments.claims.base.Claim.group`: claims sharing victims or memory) are split over
+   that many processes of ``cores / jobs`` torch threads each (:func:`plan_jobs`): small CPU
+   networks gain little from a second thread, so two single-thread jobs on 2 cores finish sooner;
+   each (claim, size, seed) cached as
    ``<cache>/<size>/<claim>/seed-<seed>.json``: a rerun reads what is there and measures only what
    is missing (or what was measured with other settings), so an interrupted run resumes; a
    measurement that fails is reported and the run goes on;
@@ -22,12 +26,15 @@ verdicts and write ``docs/claims.md`` with its machine-readable twin ``docs/clai
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -167,25 +174,53 @@ def run_claims(
     device: str = "cpu",
     fresh: bool = False,
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> ClaimsReport:
     """Measure ``only`` (default: every registered claim) over seeds ``0..seeds-1`` at ``size``,
-    write ``out`` and its ``.json`` twin, and return the report (see the module docstring)."""
+    write ``out`` and its ``.json`` twin, and return the report (see the module docstring);
+    ``jobs`` > 1 measures the claims' groups in that many processes (:func:`plan_jobs`)."""
     say = log or console.print
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     if seeds < 1:
         raise ValueError("at least one seed is needed")
+    if jobs < 1:
+        raise ValueError("at least one job is needed")
     started = time.perf_counter()
     chosen = [CLAIMS.get(n).name for n in only] if only else [cls.name for _, cls in CLAIMS.items()]
     names = sorted(dict.fromkeys(chosen), key=natural_key)
     claim_store = Path(cache) / "ci" / "model_store" if size == "ci" else Path(store)
     claims = [CLAIMS.get(name)(store=claim_store, device=device) for name in names]
     if size == "full":
-        minutes = seeds * sum(c.full_minutes for c in claims)
+        minutes = sum(seeds * c.full_minutes + c.setup_minutes for c in claims)
         say(
-            f"{len(claims)} claims x {seeds} seeds: about {minutes:.0f} min on 2 CPU cores, plus victims "
-            "missing from the store (cached seeds are skipped)"
+            f"{len(claims)} claims x {seeds} seeds: about {minutes:.0f} CPU-minutes of 2 cores with every "
+            f"victim to train, in {jobs} job(s) (cached seeds and stored victims are skipped)"
         )
+    if jobs > 1 and len({c.group_name() for c in claims}) > 1:
+        measured, errors = _measure_in_processes(
+            claims, seeds, size, cache, claim_store, device, fresh, jobs, say
+        )
+    else:
+        measured, errors = measure(claims, seeds, size, cache, fresh, say)
+    rows = [summarise(claim, measured[claim.name], size, seeds) for claim in claims]
+    report = ClaimsReport(
+        generated=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        size=size,
+        seeds=list(range(seeds)),
+        rows=rows,
+        errors=errors,
+        seconds=time.perf_counter() - started,
+    )
+    write_report(report, out)
+    return report
+
+
+def measure(
+    claims: Sequence[Claim], seeds: int, size: Size, cache: Path, fresh: bool, say: Callable[[str], None]
+) -> tuple[dict[str, list[Measurement]], dict[str, list[str]]]:
+    """Measure ``claims`` seed-major in this process, reading and writing the cache; returns the
+    measurements and the failures by claim."""
     measured: dict[str, list[Measurement]] = {c.name: [] for c in claims}
     errors: dict[str, list[str]] = {}
     for seed in range(seeds):
@@ -207,17 +242,74 @@ def run_claims(
                 f"{claim.name} seed {seed}: treatment {measurement.treatment:.4f}, "
                 f"reference {measurement.reference:.4f} ({measurement.seconds:.0f} s)"
             )
-    rows = [summarise(claim, measured[claim.name], size, seeds) for claim in claims]
-    report = ClaimsReport(
-        generated=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        size=size,
-        seeds=list(range(seeds)),
-        rows=rows,
-        errors=errors,
-        seconds=time.perf_counter() - started,
-    )
-    write_report(report, out)
-    return report
+    return measured, errors
+
+
+def plan_jobs(claims: Sequence[Claim], seeds: int, jobs: int) -> list[list[str]]:
+    """The claims' names split into at most ``jobs`` lists, each group (:meth:`Claim.group_name`)
+    whole in one list, balanced by estimated minutes (longest group first into the lightest list)."""
+    groups: dict[str, list[Claim]] = {}
+    for claim in claims:
+        groups.setdefault(claim.group_name(), []).append(claim)
+
+    def cost(members: list[Claim]) -> float:
+        return sum(seeds * c.full_minutes + c.setup_minutes for c in members) or 1e-3
+
+    bins: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(min(jobs, len(groups)))]
+    for members in sorted(groups.values(), key=lambda m: (-cost(m), m[0].name)):
+        lightest = min(range(len(bins)), key=lambda i: (bins[i][0], i))
+        load, names = bins[lightest]
+        bins[lightest] = (load + cost(members), names + [c.name for c in members])
+    return [names for _, names in bins if names]
+
+
+def _measure_job(
+    names: list[str], seeds: int, size: Size, cache: Path, store: Path, device: str, fresh: bool, threads: int
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+    """One job of :func:`_measure_in_processes`, in its own process (``threads`` torch threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    claims = [CLAIMS.get(name)(store=store, device=device) for name in names]
+    measured, errors = measure(claims, seeds, size, cache, fresh, console.print)
+    return {k: [m.model_dump(mode="json") for m in v] for k, v in measured.items()}, errors
+
+
+def _measure_in_processes(
+    claims: Sequence[Claim],
+    seeds: int,
+    size: Size,
+    cache: Path,
+    store: Path,
+    device: str,
+    fresh: bool,
+    jobs: int,
+    say: Callable[[str], None],
+) -> tuple[dict[str, list[Measurement]], dict[str, list[str]]]:
+    """Measure the claims' groups in ``jobs`` processes (spawned: each imports torch afresh and runs
+    ``cores // jobs`` torch threads); a job that dies is reported as a failure of its claims."""
+    plan = plan_jobs(claims, seeds, jobs)
+    threads = max(1, (os.cpu_count() or 1) // len(plan))
+    say(f"{len(plan)} jobs of {threads} torch thread(s): " + "; ".join(", ".join(names) for names in plan))
+    measured: dict[str, list[Measurement]] = {c.name: [] for c in claims}
+    errors: dict[str, list[str]] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=len(plan), mp_context=context) as pool:
+        futures = {
+            pool.submit(_measure_job, names, seeds, size, cache, store, device, fresh, threads): names
+            for names in plan
+        }
+        for future in as_completed(futures):
+            try:
+                job_measured, job_errors = future.result()
+            except Exception as exc:  # a job that died: its claims failed, the others' work is kept
+                for name in futures[future]:
+                    errors.setdefault(name, []).append(f"job failed: {type(exc).__name__}: {exc}")
+                continue
+            for name, items in job_measured.items():
+                measured[name] = [Measurement.model_validate(m) for m in items]
+            errors.update(job_errors)
+    return measured, errors
 
 
 def json_path(out: Path) -> Path:

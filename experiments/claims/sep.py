@@ -111,6 +111,7 @@ class SelfEnsembleProtection(Claim):
         "test_size": 100,
     }
     full_minutes = 2.3
+    group = "sep"
     params: SEPClaimParams
 
     def _train_config(self, p: SEPClaimParams, epochs: int, seed: int) -> TrainConfig:

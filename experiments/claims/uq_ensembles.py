@@ -98,6 +98,7 @@ class UQEnsembles(Claim):
         "test_size": 100,
     }
     full_minutes = 2.2
+    group = "classifier"
     params: UQClaimParams
 
     def measure(self, seed: int, size: Size) -> Measurement:

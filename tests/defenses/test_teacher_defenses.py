@@ -19,7 +19,8 @@ from common.metrics import accuracy
 from common.models import Classifier, build_model
 from common.training import TrainConfig, predict, train_classifier
 from defenses.training import TEACHER_DEFENSES
-from defenses.training.ast import ast_loss, sparse_targets
+from defenses.training import ast as ast_module
+from defenses.training.ast import adversarial_positions, adversarial_set, ast_loss, sparse_targets
 from defenses.training.nasty import nasty_loss
 from victims.recipes import VictimRecipe, recipe_for, train_victim
 
@@ -149,6 +150,66 @@ def test_ast_takes_the_adversarial_logits_in_eval_mode() -> None:
         baseline, fresh, data, cfg, progress=False
     )
     assert modes == [False, True] * 3  # per step: adversarial (eval), then clean (train)
+
+
+def test_own_pairing_is_the_batch_itself() -> None:
+    batch = torch.tensor([7, 2, 9])
+    positions, cursor = adversarial_positions(batch, "own", 5, 10)
+    assert positions.tolist() == [7, 2, 9] and cursor == 5
+
+
+def test_shuffled_pairing_walks_the_adversarial_set_in_order_each_epoch() -> None:
+    """The released zip(shuffled clean loader, unshuffled adversarial loader): batches of 4, 4 and 2
+    of a 10-image epoch get positions 0-3, 4-7, 8-9, and the next epoch starts again at 0."""
+    epoch = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    cursor, seen = 0, []
+    for batch in (epoch[:4], epoch[4:8], epoch[8:], epoch[:4]):
+        positions, cursor = adversarial_positions(batch, "shuffled", cursor, 10)
+        seen.append(positions.tolist())
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="unknown pairing"):
+        adversarial_positions(epoch, "random", 0, 10)
+
+
+@pytest.mark.parametrize("pairing", ["own", "shuffled"])
+def test_ast_pairing_chooses_the_adversarial_examples_of_each_step(pairing: str) -> None:
+    """The adversarial batch the teacher is evaluated on: the clean batch's own examples, or the
+    set's next ones in order (which differ from the shuffled clean batch's)."""
+    data = make_synthetic(48, seed=1)
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", max_steps=3, seed=3)
+    torch.manual_seed(0)
+    baseline = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=8)
+    fresh = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=8)
+    assert isinstance(baseline, Classifier) and isinstance(fresh, Classifier)
+    adversarial = adversarial_set(baseline, data, 0.3, 0.1, 1, torch.device("cpu"))
+    inputs: list[torch.Tensor] = []
+    fresh.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    TEACHER_DEFENSES.build("ast", {"steps": 1, "step_size": 0.1, "pairing": pairing}).train(
+        baseline, fresh, data, cfg, progress=False
+    )
+    adversarial_inputs, clean_inputs = inputs[0::2], inputs[1::2]
+    for step, (adv, clean) in enumerate(zip(adversarial_inputs, clean_inputs, strict=True)):
+        if pairing == "shuffled":
+            assert torch.equal(adv, adversarial[16 * step : 16 * (step + 1)])
+        else:  # the clean images' own examples, whatever order the epoch drew
+            rows = [int((data.images.float() / 255 == c).flatten(1).all(1).nonzero()) for c in clean]
+            assert torch.equal(adv, adversarial[rows])
+
+
+def test_adversarial_sets_are_made_once_per_baseline_and_settings() -> None:
+    data = make_synthetic(32, seed=1)
+    torch.manual_seed(0)
+    baseline = build_model("classifier", "small_cnn", 1, [0.5], [0.5], feature_dim=8)
+    assert isinstance(baseline, Classifier)
+    ast_module._ADVERSARIAL_SETS.clear()
+    first = adversarial_set(baseline, data, 0.3, 0.1, 1, torch.device("cpu"))
+    assert adversarial_set(baseline, data, 0.3, 0.1, 1, torch.device("cpu")) is first
+    other = adversarial_set(baseline, data, 0.3, 0.1, 2, torch.device("cpu"))
+    assert other is not first and not torch.equal(other, first)
+    with torch.no_grad():
+        next(baseline.parameters()).add_(0.5)
+    assert adversarial_set(baseline, data, 0.3, 0.1, 1, torch.device("cpu")) is not first
+    assert len(ast_module._ADVERSARIAL_SETS) <= 2
 
 
 def tiny_classifier() -> VictimRecipe:

@@ -20,7 +20,7 @@ from attacker_client.attacks.ensemble import EnsembleStealing
 from attacker_client.attacks.knockoff import Knockoff
 from experiments.claims import CLAIMS, Claim, ClaimParams, ClaimRow, Measurement, verdict_of
 from experiments.claims.base import Size
-from experiments.claims.runner import cache_path, natural_key, run_claims
+from experiments.claims.runner import cache_path, natural_key, plan_jobs, run_claims
 from experiments.claims.shared import (
     ci_classifier_recipe,
     probabilities_oracle,
@@ -29,7 +29,20 @@ from experiments.claims.shared import (
 )
 from stealrange.cli import app
 
-IMPLEMENTED = ["ast_kd", "rda_vs_stolen_encoder", "uq_ensembles", "sep_eps8", "sep_eps16", "sep_eps32"]
+IMPLEMENTED = [
+    "ast_kd",
+    "ast_kd_paper",
+    "ast_kd_released",
+    "rda_vs_cont_steal",
+    "rda_vs_cont_steal_equal_samples",
+    "rda_vs_stolen_encoder",
+    "rda_vs_stolen_encoder_equal_samples",
+    "rrm",
+    "uq_ensembles",
+    "sep_eps8",
+    "sep_eps16",
+    "sep_eps32",
+]
 SECTION_FIELDS = [
     "Paper",
     "Paper's figure",
@@ -215,6 +228,29 @@ def test_ci_run_writes_markdown_and_json_of_the_expected_structure(ci_run: tuple
     assert {"noise_accuracy", "target_share", "protector_accuracy"} <= set(sep["per_seed"][0]["extra"])
     uq = {row["name"]: row for row in report["rows"]}["uq_ensembles"]
     assert {"variance", "disagreement", "variance_first"} <= set(uq["per_seed"][0]["extra"])
+    rrm = {row["name"]: row for row in report["rows"]}["rrm"]
+    views, queries = rrm["params"]["views"], rrm["params"]["queries"]
+    for s in rrm["per_seed"]:  # the queries are the samples' views, within the budget
+        assert s["extra"]["queries"] == s["extra"]["samples"] * views <= queries
+        assert {"pgd_at_pgd_accuracy", "time_ratio", "teacher_pgd_accuracy"} <= set(s["extra"])
+    rows = {row["name"]: row for row in report["rows"]}
+    budget = rows["rda_vs_stolen_encoder"]["params"]["budget"]
+    for s in rows["rda_vs_stolen_encoder_equal_samples"]["per_seed"]:  # RDA's samples, one query each
+        assert s["extra"]["stolen_encoder_samples_samples"] == s["extra"]["rda_samples"] < budget
+        assert s["extra"]["stolen_encoder_samples_queries"] == s["extra"]["rda_samples"]
+    for s in rows["rda_vs_cont_steal"]["per_seed"]:  # equal queries
+        assert s["extra"]["cont_steal_queries"] <= budget == s["extra"]["rda_queries"]
+    for s in rows["rda_vs_cont_steal_equal_samples"]["per_seed"]:  # RDA's samples, fresh views per step
+        assert s["extra"]["cont_steal_samples_samples"] == s["extra"]["rda_samples"]
+        assert s["extra"]["cont_steal_samples_queries"] > s["extra"]["rda_samples"]
+    # the RDA arm is one surrogate per seed, shared by its rows
+    rda_numbers = {tuple(s["treatment"] for s in rows[n]["per_seed"]) for n in rows if n.startswith("rda_")}
+    assert len(rda_numbers) == 1
+    # the AST rows share the plain teacher's student; the default row has Nasty and Stingy beside it
+    plain = {tuple(s["reference"] for s in rows[n]["per_seed"]) for n in rows if n.startswith("ast_")}
+    assert len(plain) == 1
+    assert {"nasty_student", "stingy_student"} <= set(rows["ast_kd"]["per_seed"][0]["extra"])
+    assert rows["ast_kd_released"]["diagnosis"].startswith("EPD, shuffled pairing")
 
 
 def test_every_verdict_in_the_file_is_recomputed_from_the_per_seed_numbers(
@@ -260,6 +296,51 @@ def test_a_ci_rerun_reads_the_cache_and_measures_nothing(
     before = json.loads(out.with_suffix(".json").read_text())["rows"]
     after = json.loads(again.with_suffix(".json").read_text())["rows"]
     assert [(r["per_seed"], r["verdict"]) for r in after] == [(r["per_seed"], r["verdict"]) for r in before]
+
+
+def test_plan_jobs_keeps_each_group_whole_and_balances_the_minutes() -> None:
+    claims = [CLAIMS.get(name)() for name in IMPLEMENTED]
+    plan = plan_jobs(claims, 3, 2)
+    assert len(plan) == 2 and sorted(n for names in plan for n in names) == sorted(IMPLEMENTED)
+    for claim in claims:  # a group's claims share victims or memory: one process
+        together = next(names for names in plan if claim.name in names)
+        assert all(c.name in together for c in claims if c.group_name() == claim.group_name())
+    assert {c.group_name() for c in claims if c.name.startswith(("ast_", "uq_"))} == {"classifier"}
+    assert len({c.group_name() for c in claims if c.name.startswith("rda_")}) == 1
+
+    def load(names: list[str]) -> float:
+        return sum(3 * CLAIMS.get(n).full_minutes + CLAIMS.get(n).setup_minutes for n in names)
+
+    heavier, lighter = sorted((load(names) for names in plan), reverse=True)
+    biggest_group = max(
+        load([c.name for c in claims if c.group_name() == g]) for g in {c.group_name() for c in claims}
+    )
+    assert heavier - lighter <= biggest_group  # the greedy split's bound
+    (single,) = plan_jobs(claims, 3, 1)
+    assert sorted(single) == sorted(IMPLEMENTED)
+    assert len(plan_jobs(claims[:1], 3, 4)) == 1
+
+
+def test_a_ci_run_in_two_processes_measures_every_claim(tmp_path: Path) -> None:
+    """``--jobs 2``: the groups measured in two spawned processes give the same rows, every seed
+    cached, every verdict recomputable from the per-seed numbers."""
+    out, cache = tmp_path / "claims.md", tmp_path / "cache"
+    only = ["ast_kd", "ast_kd_paper", "sep_eps16", "rrm"]
+    args = ["claims", "--size", "ci", "--seeds", "2", "--jobs", "2", "--out", str(out), "--cache", str(cache)]
+    result = CliRunner().invoke(app, [*args, *[a for name in only for a in ("--only", name)]])
+    assert result.exit_code == 0, result.output
+    assert "2 jobs of" in result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["errors"] == {} and [r["name"] for r in report["rows"]] == sorted(only, key=natural_key)
+    for row in report["rows"]:
+        assert [s["seed"] for s in row["per_seed"]] == [0, 1]
+        assert all(cache_path(cache, "ci", row["name"], seed).is_file() for seed in (0, 1))
+        expected = expected_verdict(
+            [s["treatment"] for s in row["per_seed"]],
+            [s["reference"] for s in row["per_seed"]],
+            row["direction"],
+        )
+        assert row["verdict"] == expected
 
 
 def test_unknown_claim_and_size_are_refused(tmp_path: Path) -> None:
