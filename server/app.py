@@ -119,7 +119,9 @@ def create_app(
         embedded_lock = claim_embedded_redis() if embedded else None
         await secrets.resolve(redis)
         flusher = asyncio.create_task(stats.run_flusher())
+        app.state.service.start()  # the long-lived inference threads (server.batching)
         yield
+        await app.state.service.stop()
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher

@@ -9,11 +9,26 @@ is set must be at least :data:`MIN_SECRET_LENGTH` characters.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_LENGTH = 16
+BatchSize = Annotated[int, Field(ge=1, le=65536)]
+
+
+class BatchingOverride(BaseModel):
+    """One model's dynamic batching (an entry of ``model_batching``); an unset field keeps the
+    server's own setting (``batching``, ``batch_max_images``, ``batch_queue_delay_us``,
+    ``batch_preferred_sizes``). See :mod:`server.batching`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool | None = None
+    max_batch_images: BatchSize | None = None
+    max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
+    preferred_batch_sizes: list[BatchSize] | None = None
 
 
 class ServerSettings(BaseSettings):
@@ -66,7 +81,35 @@ class ServerSettings(BaseSettings):
     default_rate: float = Field(0.0, ge=0, description="images/s of a new key; 0 = no rate limit")
     default_burst: int = Field(1024, ge=1, description="images a new key may send at once")
 
-    inference_threads: int = Field(1, ge=1, le=64, description="forward passes run at once per worker")
+    inference_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="long-lived inference threads per worker, models assigned round-robin by name (one "
+        "per model at >= the number of models); every forward runs on them. 1 suits a CPU: each thread "
+        "keeps its own OpenMP team, and teams beyond the cores make every forward slow",
+    )
+    batching: bool = Field(
+        True, description="dynamic batching: concurrent requests to a model share forwards"
+    )
+    batch_max_images: BatchSize | None = Field(
+        None, description="most images in one batched forward; unset = max_batch (a request is never split)"
+    )
+    batch_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="microseconds the oldest waiting request may be held for company (Triton's "
+        "max_queue_delay_microseconds); 0 = batch only what waits while the model is busy",
+    )
+    batch_preferred_sizes: list[BatchSize] = Field(
+        [], description="batch sizes cut at once when the queue can fill one (Triton's preferred_batch_size)"
+    )
+    model_batching: dict[str, BatchingOverride] = Field(
+        {},
+        description='per-model batching over the server\'s, as JSON: {"clf": {"max_queue_delay_us": 500, '
+        '"preferred_batch_sizes": [16, 64]}, "enc": {"enabled": false}}',
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; unset = torch's default"
     )

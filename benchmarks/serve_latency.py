@@ -1,0 +1,321 @@
+"""Serving single images fast: per-request latency and dynamic batching, side by side in one run.
+
+On the same model and the same torch threads:
+
+1. the raw in-process forward of 1 image (uint8 -> [0, 1] -> softmax, on the calling thread):
+   p50 and p99 latency; and of a batch of 64: images/s;
+2. the API over HTTP (binary uint8, 1-image requests, accounting on, keys with unlimited budget),
+   with dynamic batching on and then off (``STEALRANGE_BATCHING``), each its own uvicorn process:
+   - sequential requests: p50 and p99 latency, and their ratio to the raw 1-image forward;
+   - ``--clients`` concurrent clients (64) of 1-image requests over 8 keys: images/s, and its ratio
+     to the raw batch-64 forward; the mean batch the server ran (inference_count / execution_count
+     of the statistics extension).
+
+Targets (issue 19): p50 <= raw + 1.5 ms; concurrent images/s >= 0.6 x raw batch-64 forward.
+Beside the wall-clock figures, the server process's CPU time (user + system, all its threads, from
+``/proc``) per request: it does not inflate when other processes load the machine, so it shows
+where a change saves work even when the latencies are noisy.
+Redis: ``--redis-url``, else a redis-server started here on a free loopback port (the embedded
+fakeredis with ``--embedded``). The clients speak HTTP/1.1 over raw asyncio streams (keep-alive,
+one prebuilt request), so that on a small machine the load generator takes as little CPU from the
+server as it can; every answer's status is checked, and one answer's outputs are decoded.
+
+    .venv/bin/python benchmarks/serve_latency.py [--store model_store] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import redis
+import torch
+
+from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.models import build_model
+from common.wire import decode_infer_response, infer_request
+from experiments.victim_process import free_port, victim_process
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "fmnist-classifier"
+KEYS = 8
+
+
+def ensure_store(store: Path | None) -> Path:
+    """The store if it holds the model, else a temporary store with an untrained one of its shape."""
+    if store is not None and (store / MODEL / "card.json").is_file():
+        return store
+    print(f"(no trained {MODEL} in the store: benchmarking an untrained one of the same architecture)")
+    tmp = Path(tempfile.mkdtemp())
+    model = build_model("classifier", "small_cnn", 1, [0.5], [0.5])
+    card = card_for(
+        model,
+        MODEL,
+        "small_cnn",
+        input=InputSpec(channels=1, height=28, width=28),
+        classes=list("0123456789"),
+    )
+    save_checkpoint(model, card, tmp / MODEL)
+    return tmp
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None, embedded: bool) -> Iterator[str | None]:
+    """The Redis URL to serve on: the given one, none (embedded), or a redis-server started here."""
+    binary = shutil.which("redis-server")
+    if url or embedded or binary is None:
+        if not (url or embedded):
+            print("(no redis-server on PATH: the embedded fakeredis serves)")
+        yield url
+        return
+    port = free_port()
+    workdir = tempfile.mkdtemp()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=port)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (Linux ``/proc``; else 0)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_forward(store: Path, batch: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` in-process forwards of ``batch`` images (after a warm-up)."""
+    model, _ = load_checkpoint(store / MODEL)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 20):
+            started = time.perf_counter()
+            x = torch.from_numpy(np.array(images)).float().div_(255)
+            torch.softmax(model(x).float(), dim=1)
+            if i >= 20:
+                times.append(time.perf_counter() - started)
+    return times
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection sending one prebuilt request again and again."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        return cls(reader, writer)
+
+    async def send(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)
+        }
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def http_request(url: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """The raw bytes of a POST of ``body`` to ``path``."""
+    host = urlsplit(url).netloc
+    lines = [f"POST {path} HTTP/1.1", f"host: {host}", f"content-length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def sequential(url: str, request: bytes, count: int) -> list[float]:
+    """Seconds of each of ``count`` requests sent one after another (after a warm-up)."""
+    conn = await Connection.open(url)
+    times = []
+    try:
+        for i in range(count + 50):
+            started = time.perf_counter()
+            status, _, body = await conn.send(request)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+            if i >= 50:
+                times.append(time.perf_counter() - started)
+    finally:
+        await conn.close()
+    return times
+
+
+async def concurrent(url: str, requests: list[bytes], clients: int, per_client: int) -> float:
+    """Images/s of ``clients`` connections each sending ``per_client`` 1-image requests back to back."""
+    conns = [await Connection.open(url) for _ in range(clients)]
+
+    async def client(i: int, count: int) -> None:
+        for _ in range(count):
+            status, _, body = await conns[i].send(requests[i % len(requests)])
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+
+    try:
+        await asyncio.gather(*(client(i, 5) for i in range(clients)))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, per_client) for i in range(clients)))
+        return clients * per_client / (time.perf_counter() - started)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def make_keys(url: str, admin_token: str, count: int) -> list[str]:
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    return [
+        httpx.post(f"{url}/admin/keys", json={"budget": -1}, headers=admin)
+        .raise_for_status()
+        .json()["api_key"]
+        for _ in range(count)
+    ]
+
+
+def measure_api(url: str, pid: int, token: str, args: argparse.Namespace) -> dict[str, float]:
+    """Sequential latency and concurrent throughput of 1-image requests against one server."""
+    keys = make_keys(url, token, KEYS)
+    image = np.random.default_rng(1).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    body, wire = infer_request(image, ["probabilities"], binary=True)
+    path = f"/v2/models/{MODEL}/infer"
+    requests = [http_request(url, path, body, {**wire, "authorization": f"Bearer {k}"}) for k in keys]
+    check = httpx.post(url + path, content=body, headers={**wire, "Authorization": f"Bearer {keys[0]}"})
+    check.raise_for_status()
+    values = decode_infer_response(check.content, check.headers.get("inference-header-content-length"))
+    assert values["probabilities"].shape == (1, 10)
+    cpu_started = cpu_seconds(pid)
+    latency = asyncio.run(sequential(url, requests[0], args.requests))
+    cpu_sequential = (cpu_seconds(pid) - cpu_started) / (args.requests + 50)
+    before = stats_counts(url, keys[0])
+    cpu_started = cpu_seconds(pid)
+    throughput = asyncio.run(concurrent(url, requests, args.clients, args.per_client))
+    cpu_concurrent = (cpu_seconds(pid) - cpu_started) / (args.clients * (args.per_client + 5))
+    after = stats_counts(url, keys[0])
+    executions = after[1] - before[1]
+    return {
+        "p50": statistics.median(latency) * 1000,
+        "p99": float(np.percentile(latency, 99)) * 1000,
+        "throughput": throughput,
+        "mean_batch": (after[0] - before[0]) / max(1, executions),
+        "cpu_sequential_ms": cpu_sequential * 1000,
+        "cpu_concurrent_ms": cpu_concurrent * 1000,
+    }
+
+
+def stats_counts(url: str, key: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of the model, from Triton's statistics extension."""
+    entry = httpx.get(f"{url}/v2/models/{MODEL}/stats", headers={"Authorization": f"Bearer {key}"})
+    stats = entry.raise_for_status().json()["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--embedded", action="store_true", help="serve on the embedded fakeredis")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--requests", type=int, default=500, help="sequential 1-image requests")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--per-client", type=int, default=20, help="requests of each concurrent client")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="STEALRANGE_BATCH_QUEUE_DELAY_US")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="more server settings"
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    store = ensure_store(args.store)
+    raw_one = raw_forward(store, 1, args.requests)
+    raw_p50 = statistics.median(raw_one) * 1000
+    raw_p99 = float(np.percentile(raw_one, 99)) * 1000
+    raw_batch = args.clients / statistics.median(raw_forward(store, args.clients, 30))
+    token = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
+    env = {
+        "STEALRANGE_TORCH_THREADS": str(args.threads),
+        "STEALRANGE_ADMIN_TOKEN": token,
+        "STEALRANGE_BATCH_QUEUE_DELAY_US": str(args.queue_delay_us),
+        **dict(item.split("=", 1) for item in args.server_env),
+    }
+    results = {}
+    with redis_server(args.redis_url, args.embedded) as redis_url:
+        for batching in (True, False):
+            server_env = {**env, "STEALRANGE_BATCHING": str(batching).lower()}
+            pid_file = Path(tempfile.mkdtemp()) / "victim.json"
+            with victim_process(store, redis_url, env=server_env, pid_file=pid_file) as url:
+                pid = int(json.loads(pid_file.read_text())["pid"])
+                results[batching] = measure_api(url, pid, token, args)
+
+    backend = args.redis_url or ("embedded fakeredis" if args.embedded else "redis-server started here")
+    print(
+        f"\nserve_latency: 1-image requests, {args.threads} torch threads, Redis: {backend}, "
+        f"queue delay {args.queue_delay_us} us"
+    )
+    print(f"  raw in-process forward, 1 image    p50 {raw_p50:6.2f} ms   p99 {raw_p99:6.2f} ms")
+    print(f"  raw in-process forward, batch {args.clients:<4d} {raw_batch:8.0f} images/s")
+    for batching, r in results.items():
+        name = "on " if batching else "off"
+        print(
+            f"  API, batching {name}: p50 {r['p50']:6.2f} ms = raw + {r['p50'] - raw_p50:5.2f} ms "
+            f"(ratio {r['p50'] / raw_p50:4.2f}; target raw + 1.5 ms)   p99 {r['p99']:6.2f} ms "
+            f"(ratio {r['p99'] / raw_p99:4.2f})"
+        )
+        print(
+            f"      {args.clients} concurrent clients: {r['throughput']:7.0f} images/s, ratio to raw batch "
+            f"{args.clients} {r['throughput'] / raw_batch:5.3f} (target >= 0.6), "
+            f"mean batch {r['mean_batch']:5.1f}"
+        )
+        print(
+            f"      server CPU per request: sequential {r['cpu_sequential_ms']:.2f} ms, "
+            f"concurrent {r['cpu_concurrent_ms']:.2f} ms (raw forward p50 {raw_p50:.2f} ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()
