@@ -3,7 +3,9 @@
 Every Redis key of one API key's defense state carries the API key's hash tag (``sr:{key_id}:...``,
 as the accounting does), so a Lua script that touches them runs unchanged on Redis Cluster, and a
 key's state lives beside its budget. Nothing is kept in a worker's memory that another worker would
-need: two uvicorn workers (or two replicas) on one Redis see one state.
+need: two uvicorn workers (or two replicas) on one Redis see one state, and so do workers on one
+Redis Cluster (redis-py's cluster client): every script, transaction and pipeline of a defense
+touches the keys of one API key only, so one hash slot, one node.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 
 class DefenseStore:
     """An async Redis client, the key prefix, and the Lua scripts defenses register once."""
 
-    def __init__(self, redis: Redis, prefix: str = "sr") -> None:
+    def __init__(self, redis: Redis | RedisCluster, prefix: str = "sr") -> None:
         self.redis = redis
         self.prefix = prefix
         self._scripts: dict[str, AsyncScript] = {}

@@ -12,7 +12,9 @@
    through its family (:meth:`attacker_client.families.AttackFamily.run`: the attacker client
    queries over HTTP, trains, evaluates, returns the family's typed result), reads the key's audit
    stream, and appends one typed line to ``results.jsonl`` (:class:`experiments.results.CellLine`);
-   a failing cell is recorded with its error and the run goes on;
+   a failing cell is recorded with its error and the run goes on. The attacks run where the run's
+   executor puts them (:mod:`experiments.executors`: here one after another, or as Ray tasks);
+   keys, audit and ``results.jsonl`` stay with this process, which writes the lines in cell order;
 6. writes the report (:mod:`experiments.report`).
 
 A rerun resumes: cells already in ``results.jsonl`` with status ``ok`` are skipped; the others run
@@ -26,7 +28,6 @@ import json
 import secrets
 import shutil
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,14 @@ import httpx
 import yaml
 from rich.console import Console
 
-from attacker_client.errors import VictimAPIError
-from attacker_client.runs import RunResult, StealingRunConfig
+from attacker_client.runs import StealingRunConfig
 from common.checkpoints import CARD_FILE, read_card
 from common.training import TrainConfig
 from defenses.config import DefenseConfig, load_defense_config, write_defense_config
 from defenses.cost import defense_cost
 from defenses.data import ProtectionRecipe, evaluate_protection, protect_dataset
 from defenses.data.sep import SEPConfig
+from experiments.executors import CellJob, CellOutcome, Executor, LocalExecutor
 from experiments.report import build_report
 from experiments.results import RESULTS_FILE, AuditSummary, CellLine, KeyUsage, append_result, read_results
 from experiments.scenario import Cell, Scenario
@@ -126,7 +127,7 @@ def audit_summary(events: list[dict[str, str]]) -> AuditSummary:
     return AuditSummary(events=len(charges), images=total, seconds=series[-1][0], series=points)
 
 
-def steal(
+def stealing_config(
     cell: Cell,
     scenario: Scenario,
     url: str,
@@ -135,9 +136,10 @@ def steal(
     victim: Path,
     data_root: Path | None,
     progress: bool | None,
-) -> RunResult:
-    """Run the cell's attack through its family with the attacker client; its typed result."""
-    shared = StealingRunConfig(
+) -> StealingRunConfig:
+    """The attacker's side of the cell: what its family's run needs (the victim's URL, the cell's
+    API key, its run folder, the run's shared reference scores)."""
+    return StealingRunConfig(
         url=url,
         key=api_key,
         model=cell.served_name,
@@ -155,11 +157,9 @@ def steal(
         # <run>/cells/<id> -> <run>/references: reference scores measured once per run
         reference_cache=out.parent.parent / REFERENCES_DIR,
     )
-    family = cell.attack.family
-    return family.run(shared, scenario.evaluation_for(family))
 
 
-def run_cell(
+def open_cell(
     cell: Cell,
     scenario: Scenario,
     url: str,
@@ -168,10 +168,8 @@ def run_cell(
     victims: dict[str, Path],
     data_root: Path | None,
     progress: bool | None,
-) -> CellLine:
-    """Run one cell end to end; never raises for the cell's own failure (it is recorded)."""
-    started = time.perf_counter()
-    out = run_dir / "cells" / cell.id
+) -> CellJob:
+    """The driver's side before a cell: its API key (budget, rate) from the admin API, its job."""
     key_spec: dict[str, Any] = {"name": cell.id[:64], "budget": cell.budget, "models": [cell.served_name]}
     if scenario.rate is not None:
         key_spec["rate"] = scenario.rate
@@ -180,39 +178,41 @@ def run_cell(
     created = admin.post("/admin/keys", json=key_spec)
     created.raise_for_status()
     key_id, api_key = created.json()["record"]["key_id"], created.json()["api_key"]
-    common: dict[str, Any] = {
-        "cell": cell.id,
-        "scenario": scenario.name,
-        "victim": cell.victim.model,
-        "defense": cell.defense.name,
-        "pipeline": cell.defense.pipeline,
-        "detector": cell.defense.detector,
-        "attack": cell.attack.label,
-        "family": cell.attack.family.name,
-        "budget": cell.budget,
-        "seed": cell.seed,
-    }
-    outcome: dict[str, Any]
-    try:
-        outcome = {
-            "status": "ok",
-            "result": steal(
-                cell, scenario, url, api_key, out, victims[cell.victim.model], data_root, progress
-            ),
-        }
-    except Exception as exc:  # recorded; the run goes on
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.txt").write_text(traceback.format_exc())
-        code = getattr(exc, "code", None) if isinstance(exc, VictimAPIError) else None
-        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_code": code}
+    out = run_dir / "cells" / cell.id
+    config = stealing_config(
+        cell, scenario, url, api_key, out, victims[cell.victim.model], data_root, progress
+    )
+    return CellJob(
+        cell=cell, config=config, evaluation=scenario.evaluation_for(cell.attack.family), key_id=key_id
+    )
+
+
+def close_cell(job: CellJob, outcome: CellOutcome, scenario: Scenario, admin: httpx.Client) -> CellLine:
+    """The driver's side after a cell: the key's usage, flags and audit, and the cell's line."""
+    cell, key_id = job.cell, job.key_id
+    started = time.perf_counter()
     usage = admin.get(f"/admin/keys/{key_id}").json()
+    flags = admin.get(f"/admin/keys/{key_id}/defenses").json().get("flags", {})
+    audit = audit_summary(admin.get(f"/admin/keys/{key_id}/audit", params={"count": 100_000}).json())
     return CellLine(
-        **common,
-        **outcome,
+        cell=cell.id,
+        scenario=scenario.name,
+        victim=cell.victim.model,
+        defense=cell.defense.name,
+        pipeline=cell.defense.pipeline,
+        detector=cell.defense.detector,
+        attack=cell.attack.label,
+        family=cell.attack.family.name,
+        budget=cell.budget,
+        seed=cell.seed,
+        status=outcome.status,
+        result=outcome.result,
+        error=outcome.error,
+        error_code=outcome.error_code,
         key=KeyUsage(id=key_id, used=usage.get("used"), budget=usage.get("budget")),
-        flags=admin.get(f"/admin/keys/{key_id}/defenses").json().get("flags", {}),
-        audit=audit_summary(admin.get(f"/admin/keys/{key_id}/audit", params={"count": 100_000}).json()),
-        wall_seconds=time.perf_counter() - started,
+        flags=flags,
+        audit=audit,
+        wall_seconds=outcome.seconds + time.perf_counter() - started,
     )
 
 
@@ -260,8 +260,16 @@ def run_scenario(
     data_root: Path | None = None,
     progress: bool | None = None,
     on_cell: Callable[[int, int, Cell], None] | None = None,
+    executor: Executor | None = None,
+    victim_host: str = "127.0.0.1",
 ) -> Path:
-    """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring)."""
+    """Run every cell of ``scenario`` not yet finished; returns the run folder (see module docstring).
+
+    ``executor``: where the cells' attacks run (default :class:`~experiments.executors.LocalExecutor`,
+    one after another here; :class:`~experiments.executors.RayExecutor` on a Ray cluster).
+    ``victim_host``: the address the victim API binds, which the attacks reach it at (a wildcard
+    such as ``0.0.0.0``: this machine's address on its default route)."""
+    executor = executor or LocalExecutor()
     if scenario.workers > 1 and not redis_url:
         raise ValueError(
             "workers > 1 needs a real Redis (redis_url / STEALRANGE_REDIS_URL): "
@@ -300,24 +308,41 @@ def run_scenario(
         run_started = time.perf_counter()
         with (
             victim_process(
-                store, redis_url, workers=scenario.workers, env=env, pid_file=run_dir / VICTIM_FILE
+                store,
+                redis_url,
+                workers=scenario.workers,
+                env=env,
+                pid_file=run_dir / VICTIM_FILE,
+                host=victim_host,
             ) as url,
             httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=60
             ) as admin,
         ):
-            for i, cell in enumerate(todo, 1):
+            position = {cell.id: i for i, cell in enumerate(todo, 1)}
+
+            def start(cell: Cell) -> CellJob:
+                i = position[cell.id]
                 console.rule(
                     f"[{i}/{len(todo)}] {cell.victim.model} x {cell.defense.name} "
                     f"x {cell.attack.label} x {cell.budget}"
                 )
                 if on_cell is not None:
                     on_cell(i, len(todo), cell)
-                line = run_cell(cell, scenario, url, admin, run_dir, victims, data_root, progress)
+                return open_cell(cell, scenario, url, admin, run_dir, victims, data_root, progress)
+
+            def finish(job: CellJob, outcome: CellOutcome) -> None:
+                line = close_cell(job, outcome, scenario, admin)
                 append_result(run_dir, line)
                 status = "ok" if line.ok else f"[red]{line.status}: {line.error}[/red]"
-                console.print(f"  {status} ({line.wall_seconds:.0f} s)")
-        console.print(f"ran {len(todo)} cells in {time.perf_counter() - run_started:.0f} s")
+                console.print(
+                    f"  [{position[line.cell]}/{len(todo)}] {line.cell}: {status} ({line.wall_seconds:.0f} s)"
+                )
+
+            executor.run(todo, start, finish)
+        console.print(
+            f"ran {len(todo)} cells ({executor.name} executor) in {time.perf_counter() - run_started:.0f} s"
+        )
     run_protection(scenario, run_dir, data_root, progress)
     build_report(run_dir)
     return run_dir

@@ -30,11 +30,24 @@ class VictimStartError(RuntimeError):
     """The victim process exited or did not become ready in time."""
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def reachable_address(host: str) -> str:
+    """The address others reach a server bound to ``host`` at: ``host`` itself, or for the
+    wildcard ``0.0.0.0`` this machine's address on its default route (no packet is sent)."""
+    if host != "0.0.0.0":
+        return host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.254.254.254", 1))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
 
 def _die_with_parent() -> None:
@@ -70,12 +83,16 @@ def victim_process(
     ready_timeout: float = 120.0,
     log_level: str = "warning",
     pid_file: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[str]:
     """Serve ``create_app`` with uvicorn on a free port; yields the base URL once ready.
 
+    ``host``: the address it binds (loopback by default; another machine's workers need an address
+    they reach, or ``0.0.0.0``: every interface, the URL then naming this machine's address).
+
     ``pid_file``: where to write ``{"pid", "url"}`` while it runs (removed when it stops), so a
     supervisor (or a test) can check that nothing is left behind."""
-    port = free_port()
+    port = free_port(host)
     environment = {**os.environ, "STEALRANGE_MODEL_STORE": str(model_store), **(env or {})}
     if redis_url:
         environment["STEALRANGE_REDIS_URL"] = redis_url
@@ -86,7 +103,7 @@ def victim_process(
         "server.app:create_app",
         "--factory",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--workers",
@@ -97,7 +114,8 @@ def victim_process(
     proc = subprocess.Popen(
         command, cwd=ROOT, env=environment, start_new_session=True, preexec_fn=_die_with_parent
     )
-    url = f"http://127.0.0.1:{port}"
+    address = reachable_address(host)
+    url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
     if pid_file is not None:
         pid_file.write_text(json.dumps({"pid": proc.pid, "url": url}) + "\n")
     try:

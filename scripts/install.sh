@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent install of everything stealrange needs on a fresh Debian machine:
-# Debian packages (redis-server for the real-Redis tests, dataset-fashion-mnist for the quick
-# profile), a virtual environment in .venv, torch + torchvision pinned together, the project.
-# Usage: scripts/install.sh [--dev]
+# Debian packages (redis-server and redis-cli for the real-Redis and Redis Cluster tests,
+# dataset-fashion-mnist for the quick profile), a virtual environment in .venv, torch +
+# torchvision pinned together, the project.
+# Usage: scripts/install.sh [--dev]   (--dev: the test and lint tools, and Ray for the range on Ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+[ "${1:-}" = "--dev" ] && extras="[dev,ray]"
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo_cmd=""
@@ -22,7 +24,7 @@ fi
 stamp=".venv/.installed${extras}"
 fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
 # A dev install covers a plain one.
-if fresh "$stamp" || { [ -z "$extras" ] && fresh ".venv/.installed[dev]"; }; then
+if fresh "$stamp" || { [ -z "$extras" ] && fresh ".venv/.installed[dev,ray]"; }; then
   exit 0
 fi
 {

@@ -4,8 +4,9 @@
 algorithm, on the server's ``TIME``) and charges both or neither; ``refund.lua`` gives the images
 back when inference fails after the charge. Every charge and refund appends an event to the key's
 bounded audit stream. All of one key's Redis keys share the hash tag ``{key_id}``, so the scripts
-run unchanged on Redis Cluster. Scripts run by EVALSHA and are reloaded on NOSCRIPT (redis-py's
-``Script`` object does this).
+run unchanged on Redis Cluster (:mod:`server.redis_client` builds the cluster client; the tests run
+them on three masters). Scripts run by EVALSHA and are reloaded on NOSCRIPT (redis-py's ``Script``
+object does this; on a cluster it loads the script on every master).
 
 GCRA: with rate r images/s and burst b images, the emission interval is T = 1/r and the tolerance
 tau = b*T. A request of n images is allowed when ``max(tat, now) + n*T - tau <= now``; then
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
 
-from redis.asyncio import Redis
+from server.redis_client import RedisClient
 
 
 class ChargeStatus(IntEnum):
@@ -64,7 +65,7 @@ def _script(name: str) -> str:
 class Accounting:
     """Charges, refunds and reads per-key usage; one instance per app, sharing its Redis client."""
 
-    def __init__(self, redis: Redis, prefix: str = "sr", audit_maxlen: int = 100_000) -> None:
+    def __init__(self, redis: RedisClient, prefix: str = "sr", audit_maxlen: int = 100_000) -> None:
         self.redis = redis
         self.prefix = prefix
         self.audit_maxlen = audit_maxlen

@@ -1,7 +1,8 @@
 """``create_app(settings)``: the victim API's FastAPI application factory.
 
 The model store is loaded eagerly, so a bad store stops startup with a clear message before the
-server binds. Redis is the one at ``settings.redis_url``, or, when unset, an embedded in-process
+server binds. Redis is the one at ``settings.redis_url`` (a Redis Cluster seeded by that node with
+``settings.redis_cluster``; see :mod:`server.redis_client`), or, when unset, an embedded in-process
 Redis (fakeredis, with the same Lua scripts) that suits a single process: a second uvicorn worker
 of the same parent on the embedded Redis refuses to start (each would count on its own). The
 secrets not configured are resolved (generated once, shared through Redis) in the lifespan, before
@@ -21,10 +22,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO
 
-import fakeredis
 import torch
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from defenses.state import DefenseStore
 from server import __version__
@@ -32,6 +31,7 @@ from server.accounting import Accounting
 from server.errors import install_error_handlers
 from server.keys import KeyStore
 from server.middleware import RequestContextMiddleware
+from server.redis_client import RedisClient, make_redis
 from server.registry import ModelRegistry
 from server.routes import admin, kserve, openai, usage
 from server.secrets import ServerSecrets
@@ -81,19 +81,10 @@ def claim_embedded_redis() -> IO[bytes] | None:
     return handle
 
 
-def make_redis(settings: ServerSettings) -> Redis:
-    """A real Redis client for ``redis_url``, else an embedded in-process one (fakeredis + Lua)."""
-    if settings.redis_url:
-        # A blocking pool makes a burst of requests wait for a free connection instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout
-        )
-        return Redis(connection_pool=pool)
-    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-
-
 def create_app(
-    settings: ServerSettings | None = None, registry: ModelRegistry | None = None, redis: Redis | None = None
+    settings: ServerSettings | None = None,
+    registry: ModelRegistry | None = None,
+    redis: RedisClient | None = None,
 ) -> FastAPI:
     """Build the app: load the models, connect Redis, mount the routers and the error envelope."""
     settings = settings or ServerSettings()

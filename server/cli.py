@@ -121,15 +121,31 @@ def serve(
     redis_url: Annotated[
         str | None, typer.Option(envvar="STEALRANGE_REDIS_URL", help="unset = embedded")
     ] = None,
+    redis_cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--redis-cluster/--no-redis-cluster",
+            envvar="STEALRANGE_REDIS_CLUSTER",
+            help="--redis-url names one node of a Redis Cluster (redis-py's cluster client)",
+        ),
+    ] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="STEALRANGE_ADMIN_TOKEN")] = None,
 ) -> None:
     """Serve the victim API (settings from STEALRANGE_* env vars and these options)."""
     import uvicorn
 
+    if redis_cluster and not redis_url:
+        console.print("[red]--redis-cluster needs --redis-url: the URL of one node of the cluster[/red]")
+        raise typer.Exit(2)
     if workers > 1 and not redis_url:
         console.print(
             "[red]--workers > 1 needs --redis-url: the embedded Redis lives inside one process[/red]"
         )
         raise typer.Exit(2)
-    set_server_env(model_store=store, redis_url=redis_url, admin_token=admin_token)
+    set_server_env(
+        model_store=store,
+        redis_url=redis_url,
+        redis_cluster=None if redis_cluster is None else str(redis_cluster).lower(),
+        admin_token=admin_token,
+    )
     uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers)

@@ -13,13 +13,14 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from redis.asyncio import Redis
 
 from server.accounting import Accounting, as_text
 from server.errors import AuthenticationError
+from server.redis_client import RedisClient
 from server.secrets import ServerSecrets
 
 KEY_PATTERN = re.compile(r"^sr-(?P<key_id>[0-9a-f]{16})-(?P<secret>[A-Za-z0-9_-]{43})$")
@@ -78,7 +79,7 @@ class CreatedKey(BaseModel):
 class KeyStore:
     """Create, read, list, revoke and authenticate keys in Redis."""
 
-    def __init__(self, redis: Redis, accounting: Accounting, secrets: ServerSecrets) -> None:
+    def __init__(self, redis: RedisClient, accounting: Accounting, secrets: ServerSecrets) -> None:
         self.redis = redis
         self.accounting = accounting
         self.secrets = secrets  # the pepper is read at use: it is resolved in the app's lifespan
@@ -114,33 +115,24 @@ class KeyStore:
         return CreatedKey(api_key=f"sr-{key_id}-{secret}", record=record)
 
     async def _load(self, key_id: str) -> tuple[KeyRecord, str] | None:
-        raw = await self.redis.hgetall(self.accounting.key_hash(key_id))
-        if not raw:
-            return None
-        f = {as_text(k): as_text(v) for k, v in raw.items()}
-        record = KeyRecord(
-            key_id=f["key_id"],
-            name=f.get("name", ""),
-            budget=int(f["budget"]),
-            rate=float(f.get("rate", "0")),
-            burst=int(f.get("burst", "1")),
-            tier=f.get("tier", "standard"),
-            models=json.loads(f.get("models", '["*"]')),
-            defense_profile=f.get("defense_profile") or None,
-            created_at=f.get("created_at", ""),
-            revoked=f.get("revoked") == "1",
-            used=int(f.get("used", "0")),
-        )
-        return record, f.get("secret_hash", "")
+        return _parse(await self.redis.hgetall(self.accounting.key_hash(key_id)))
 
     async def get(self, key_id: str) -> KeyRecord | None:
         loaded = await self._load(key_id)
         return loaded[0] if loaded else None
 
     async def list(self) -> list[KeyRecord]:
+        """Every key of the index, by id. The records are read in one pipeline: on a Redis Cluster
+        they live in as many hash slots as keys, and redis-py sends each node its share at once."""
         ids = sorted(as_text(k) for k in await self.redis.smembers(self.index))
-        records = [await self.get(key_id) for key_id in ids]
-        return [r for r in records if r is not None]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in ids:
+                pipe.hgetall(self.accounting.key_hash(key_id))
+            raws = await pipe.execute()
+        loaded = [_parse(raw) for raw in raws]
+        return [entry[0] for entry in loaded if entry is not None]
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
         """Mark a key revoked: the charge script refuses it from the next request on."""
@@ -159,3 +151,24 @@ class KeyStore:
         if not valid or loaded is None or loaded[0].revoked:
             raise AuthenticationError("invalid API key")
         return loaded[0]
+
+
+def _parse(raw: Mapping[bytes | str, bytes | str]) -> tuple[KeyRecord, str] | None:
+    """A stored key hash as (record, secret hash); None for a key that is not there."""
+    if not raw:
+        return None
+    f = {as_text(k): as_text(v) for k, v in raw.items()}
+    record = KeyRecord(
+        key_id=f["key_id"],
+        name=f.get("name", ""),
+        budget=int(f["budget"]),
+        rate=float(f.get("rate", "0")),
+        burst=int(f.get("burst", "1")),
+        tier=f.get("tier", "standard"),
+        models=json.loads(f.get("models", '["*"]')),
+        defense_profile=f.get("defense_profile") or None,
+        created_at=f.get("created_at", ""),
+        revoked=f.get("revoked") == "1",
+        used=int(f.get("used", "0")),
+    )
+    return record, f.get("secret_hash", "")

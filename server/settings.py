@@ -42,6 +42,11 @@ class ServerSettings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis:// URL; unset = embedded in-process Redis (fakeredis, one worker only)"
     )
+    redis_cluster: bool = Field(
+        False,
+        description="redis_url names one node of a Redis Cluster: use redis-py's cluster client (the "
+        "other nodes are discovered from it; see server.redis_client)",
+    )
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin endpoints; unset or empty = admin API disabled"
     )
@@ -54,7 +59,9 @@ class ServerSettings(BaseSettings):
         description="keys the per-(key, input) defense noise and B4B's transforms; unset = random, "
         "generated once, kept in Redis",
     )
-    redis_max_connections: int = Field(64, ge=1, description="Redis connections per worker")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connections per worker (on a cluster: per node, and commands in flight)"
+    )
     redis_timeout: float = Field(
         10.0, gt=0, description="seconds a request waits for a free Redis connection"
     )
@@ -120,6 +127,13 @@ class ServerSettings(BaseSettings):
         "(warned at start, and every answer carries x-stealrange-unmetered: true)",
     )
     expose_defense: bool = Field(False, description="name the applied defenses in responses")
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> ServerSettings:
+        """A cluster is reached through one of its nodes: ``redis_cluster`` alone names no Redis."""
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("redis_cluster needs redis_url: the redis:// URL of one node of the cluster")
+        return self
 
     @field_validator("admin_token", "key_pepper", "server_secret", mode="before")
     @classmethod

@@ -1,6 +1,9 @@
 """Test harness: a real redis-server on a free loopback port, a tiny model store, both backends.
 
 - ``redis_url``: a redis-server the harness starts itself (session-wide), on a free port.
+- ``redis_cluster_url``: a Redis Cluster of three masters the harness starts itself (session-wide,
+  on free loopback ports; :mod:`tests.redis_cluster`); skipped only where redis-server or redis-cli
+  is not installed.
 - ``backend``: parametrises a test over the embedded fakeredis and that real Redis.
 - ``model_store``: two untrained small CNNs (a classifier ``clf`` and an encoder ``enc``) on 1x28x28.
 - ``make_client``: a TestClient for ``create_app(settings)`` on the chosen backend, isolated by a
@@ -31,6 +34,7 @@ from common.models import build_model
 from experiments.victim_process import free_port, victim_process
 from server.app import create_app
 from server.settings import ServerSettings
+from tests.redis_cluster import missing_binaries, redis_cluster
 
 ADMIN_TOKEN = "test-admin-token"
 # One intra-op thread: on 2 shared cores, torch's thread pool contending with other work makes tiny
@@ -77,6 +81,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of one node of a three-master Redis Cluster on loopback, torn down after the session."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"a Redis Cluster needs {' and '.join(missing)} (scripts/install.sh installs them)")
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,9 @@ from Algorithm 1, whose sets grow forever; it only matters once a class has more
 
 State lives in Redis (per key and model: the growing sets as lists of uint8 images, the distances,
 thresholds and running sums, counters of what was ever appended, and the flag), and one request's
-read-update-write runs under a per-key lock, so two workers see one sequence of queries. The
+read-update-write runs under a per-key lock, so two workers see one sequence of queries. Every one
+of these keys, the lock included, carries the API key's hash tag: on a Redis Cluster they share one
+hash slot, so the lock, the transactions and the pipelines below each go to one node. The
 distances and the test run in a worker thread, never on the event loop. Each worker caches the
 growing sets it has read (as uint8, least recently used first out past ``PRADA.CACHE_BYTES``, 256
 MiB) and fetches only what others appended since; a cached set is tagged with the Redis counter of
@@ -348,16 +350,16 @@ class PRADA(Detector):
                 if rows:
                     pipe.rpush(names[c], *payload[c])
                     pipe.ltrim(names[c], -p.max_set_size, -1)
-                    at[f"g:{c}"] = len(pipe.command_stack)
+                    at[f"g:{c}"] = len(pipe)
                     pipe.hincrby(counts_key, f"g:{c}", len(rows))
             if distances:
                 pipe.rpush(distances_key, *[repr(d) for d in distances])
                 pipe.ltrim(distances_key, -p.window, -1)
-            at["d"] = len(pipe.command_stack)
+            at["d"] = len(pipe)
             pipe.hincrby(counts_key, "d", len(distances))
             if state:
                 pipe.hset(stats_key, mapping={k: repr(v) for k, v in state.items()})
-            at["recent"] = len(pipe.command_stack)
+            at["recent"] = len(pipe)
             pipe.lrange(distances_key, -p.window, -1)
             results = await pipe.execute()
         total, recent = int(results[at["d"]]), results[at["recent"]]

@@ -8,7 +8,9 @@ downstream task. B4B has three building blocks, all three here:
    map each returned embedding to one of ``2^n_bits`` buckets; a key's coverage is the fraction of
    buckets its queries have occupied. The occupied buckets are a bitmap per (key, model) in Redis,
    updated by one Lua script per request (``SETBIT`` per image, in batch order), so the coverage is
-   exact across workers and each image of a batch sees the coverage after itself.
+   exact across workers and each image of a batch sees the coverage after itself. The bitmap's
+   key carries the API key's hash tag (:meth:`DefenseStore.key`), so the script runs unchanged on a
+   Redis Cluster.
 2. **Cost function**: the coverage ``c`` sets the noise added to the embedding,
    ``sigma(c) = alpha (exp(lambda c^beta) - 1)`` (exponential in the coverage, as in the paper), in
    units of the embedding's root-mean-square value. Honest users with low coverage get almost clean

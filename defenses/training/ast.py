@@ -88,9 +88,7 @@ def ast_loss(
     return alpha * temperature**2 * d + (1 - alpha) * F.cross_entropy(logits.float(), labels)
 
 
-def adversarial_positions(
-    batch: torch.Tensor, pairing: str, cursor: int, n: int
-) -> tuple[torch.Tensor, int]:
+def adversarial_positions(batch: torch.Tensor, pairing: str, cursor: int, n: int) -> tuple[torch.Tensor, int]:
     """Indices into the adversarial set for the clean ``batch`` (indices into the training set),
     and the next cursor. ``own``: the batch itself. ``shuffled``: the released code's zip of a
     shuffled clean loader with an unshuffled adversarial one: the next ``len(batch)`` positions of

@@ -55,6 +55,11 @@ def test_keys_commands_against_a_live_server(model_store: Path) -> None:
         assert wrong.exit_code == 1 and "invalid_admin_token" in wrong.output
 
 
+def test_serve_refuses_a_cluster_without_a_node_url() -> None:
+    result = runner.invoke(app, ["serve", "--redis-cluster"], env={"STEALRANGE_REDIS_URL": ""})
+    assert result.exit_code == 2 and "--redis-url" in result.output
+
+
 def test_serve_refuses_several_workers_on_embedded_redis() -> None:
     result = runner.invoke(app, ["serve", "--workers", "2"], env={"STEALRANGE_REDIS_URL": ""})
     assert result.exit_code == 2 and "--redis-url" in result.output
