@@ -88,12 +88,17 @@ class VictimRecipe(BaseModel):
     )
 
     def baseline(self) -> VictimRecipe:
-        """The plain recipe a defended victim starts from (its name without the defense suffix)."""
+        """The plain recipe a defended victim starts from: its name up to the defense's suffix
+        (``fmnist-classifier-ast`` and a variant ``fmnist-classifier-ast-epd-shuffled`` both start
+        from ``fmnist-classifier``), never a name of its own (which would train a second plain
+        network and let the defended one overwrite it in the store)."""
         if self.defense is None:
             return self
         suffix = f"-{self.defense['name'].replace('_', '-')}"
-        name = self.name.removesuffix(suffix)
-        return self.model_copy(update={"defense": None, "name": name})
+        at = self.name.rfind(suffix)
+        if at <= 0:
+            raise ValueError(f"the defended recipe {self.name!r} does not name its defense ({suffix!r})")
+        return self.model_copy(update={"defense": None, "name": self.name[:at]})
 
 
 def quick_recipes() -> dict[ModelKind, VictimRecipe]:

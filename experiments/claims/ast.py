@@ -135,7 +135,7 @@ class AdversarialSparseTeacherClaim(Claim):
         "batch_size": 16,
         "test_size": 100,
     }
-    full_minutes = 0.5
+    full_minutes = 0.45
     setup_minutes = 1.8
     group = "classifier"
     divergence: ClassVar[Divergence] = "kl"
@@ -179,6 +179,11 @@ class AdversarialSparseTeacherClaim(Claim):
         test = splits.eval.subset(torch.arange(min(p.test_size, len(splits.eval))))
         _STUDENTS[key] = accuracy(predict(result.single, test.images), test.labels)
         return _STUDENTS[key]
+
+    def victims(self, size: Size) -> list[VictimRecipe]:
+        p: ASTClaimParams = self.settings(size)
+        beside = list(beside_recipes(p.dataset).values()) if self.beside else []
+        return [*teacher_recipes(p.dataset, self.divergence, self.pairing), *beside]
 
     def measure(self, seed: int, size: Size) -> Measurement:
         started = time.perf_counter()
@@ -247,7 +252,7 @@ class ASTDefaultClaim(AdversarialSparseTeacherClaim):
 
     name = "ast_kd"
     beside = True
-    full_minutes = 2.3
+    full_minutes = 2.2
     setup_minutes = 7.0
 
 

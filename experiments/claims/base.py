@@ -173,9 +173,16 @@ class Claim(Configurable, abc.ABC):
     setup_minutes: ClassVar[float] = 0.0
     """Estimated wall minutes to train what the claim needs once (its victims) on 2 CPU cores."""
     group: ClassVar[str] = ""
-    """Claims of one group share victims in the store or work in memory (the AST rows share the
-    plain teacher's student): ``stealrange claims --jobs N`` runs a group in one process. Empty:
-    a group of its own."""
+    """Claims of one group share work in memory (the AST rows share the plain teacher's student,
+    the RDA rows one RDA surrogate per seed): ``stealrange claims --jobs N`` runs a group in one
+    process. Empty: a group of its own."""
+
+    def victims(self, size: Size) -> list[Any]:
+        """The victim recipes (:class:`victims.recipes.VictimRecipe`) the claim steals at ``size``:
+        the runner trains them into the store before any measurement, one after another with every
+        core (:func:`experiments.claims.runner.prepare_victims`), so parallel jobs never train the
+        same victim twice or race on its folder. Default: none."""
+        return []
 
     @classmethod
     def group_name(cls) -> str:

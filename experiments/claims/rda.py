@@ -174,6 +174,9 @@ class RDAClaim(Claim):
         }
         return _ARMS[key]
 
+    def victims(self, size: Size) -> list[VictimRecipe]:
+        return [encoder_recipe(self.settings(size).dataset)]
+
     def measure(self, seed: int, size: Size) -> Measurement:
         started = time.perf_counter()
         p: RDAClaimParams = self.settings(size)
@@ -271,7 +274,7 @@ class RDAvsStolenEncoder(RDAClaim):
     baseline = "stolen_encoder"
     reference = "StolenEncoder (as RDA's repository runs it), equal queries"
     metric = "linear-probe accuracy of the frozen surrogate features (equal queries, equal steps)"
-    full_minutes = 1.8
+    full_minutes = 0.4
     setup_minutes = 3.0
 
 
@@ -283,7 +286,7 @@ class RDAvsContSteal(RDAClaim):
     baseline = "cont_steal"
     reference = "Cont-Steal (as RDA's repository runs it), equal queries"
     metric = "linear-probe accuracy of the frozen surrogate features (equal queries)"
-    full_minutes = 0.4
+    full_minutes = 1.3
 
 
 @CLAIMS.register
@@ -294,7 +297,7 @@ class RDAvsStolenEncoderEqualSamples(RDAClaim):
     baseline = "stolen_encoder_samples"
     reference = "StolenEncoder on RDA's query samples"
     metric = "linear-probe accuracy of the frozen surrogate features (equal query samples, equal steps)"
-    full_minutes = 0.5
+    full_minutes = 0.4
 
 
 @CLAIMS.register
@@ -305,4 +308,4 @@ class RDAvsContStealEqualSamples(RDAClaim):
     baseline = "cont_steal_samples"
     reference = "Cont-Steal on RDA's query samples"
     metric = "linear-probe accuracy of the frozen surrogate features (equal query samples, equal steps)"
-    full_minutes = 1.0
+    full_minutes = 0.3

@@ -139,6 +139,9 @@ class RRMClaim(Claim):
     setup_minutes = 2.5
     params: RRMClaimParams
 
+    def victims(self, size: Size) -> list[VictimRecipe]:
+        return [teacher_recipe(self.settings(size).dataset)]
+
     def measure(self, seed: int, size: Size) -> Measurement:
         started = time.perf_counter()
         p: RRMClaimParams = self.settings(size)

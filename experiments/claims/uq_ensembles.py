@@ -51,6 +51,7 @@ from experiments.claims.shared import (
     trained_classifier,
     victim_splits,
 )
+from victims.recipes import VictimRecipe
 
 
 class UQClaimParams(ClaimParams):
@@ -98,8 +99,10 @@ class UQEnsembles(Claim):
         "test_size": 100,
     }
     full_minutes = 2.2
-    group = "classifier"
     params: UQClaimParams
+
+    def victims(self, size: Size) -> list[VictimRecipe]:
+        return [classifier_recipe(self.settings(size).dataset)]
 
     def measure(self, seed: int, size: Size) -> Measurement:
         started = time.perf_counter()

@@ -253,6 +253,10 @@ def test_recipe_for_names_the_defended_victim() -> None:
     assert recipe.name == "fmnist-classifier-ast" and recipe.defense is not None
     assert recipe.defense["steps"] == 10 and recipe.defense["eps"] == 0.3
     assert recipe.baseline() == recipe_for("classifier", "quick")
+    variant = recipe.model_copy(update={"name": f"{recipe.name}-epd-shuffled"})
+    assert variant.baseline() == recipe_for("classifier", "quick")  # never a plain copy of its own
+    with pytest.raises(ValueError, match="does not name its defense"):
+        recipe.model_copy(update={"name": "renamed"}).baseline()
     assert recipe_for("classifier", "paper", "ast").defense["steps"] == 40  # type: ignore[index]
     with pytest.raises(ValueError, match="for classifiers"):
         recipe_for("encoder", "quick", "ast")

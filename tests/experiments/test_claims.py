@@ -305,11 +305,11 @@ def test_plan_jobs_keeps_each_group_whole_and_balances_the_minutes() -> None:
     for claim in claims:  # a group's claims share victims or memory: one process
         together = next(names for names in plan if claim.name in names)
         assert all(c.name in together for c in claims if c.group_name() == claim.group_name())
-    assert {c.group_name() for c in claims if c.name.startswith(("ast_", "uq_"))} == {"classifier"}
+    assert {c.group_name() for c in claims if c.name.startswith("ast_")} == {"classifier"}
     assert len({c.group_name() for c in claims if c.name.startswith("rda_")}) == 1
 
-    def load(names: list[str]) -> float:
-        return sum(3 * CLAIMS.get(n).full_minutes + CLAIMS.get(n).setup_minutes for n in names)
+    def load(names: list[str]) -> float:  # victims are trained before the jobs: not in the balance
+        return sum(3 * CLAIMS.get(n).full_minutes for n in names)
 
     heavier, lighter = sorted((load(names) for names in plan), reverse=True)
     biggest_group = max(
@@ -319,6 +319,36 @@ def test_plan_jobs_keeps_each_group_whole_and_balances_the_minutes() -> None:
     (single,) = plan_jobs(claims, 3, 1)
     assert sorted(single) == sorted(IMPLEMENTED)
     assert len(plan_jobs(claims[:1], 3, 4)) == 1
+
+
+def test_victims_are_trained_before_any_measurement_and_ast_variants_share_one_baseline(
+    tmp_path: Path,
+) -> None:
+    """prepare_victims trains each victim once, up front; the AST variants start from the plain
+    teacher itself (never a plain copy of their own) and share its adversarial set."""
+    from defenses.training import ast as ast_module
+
+    digests: list[str] = []
+    original = ast_module._digest
+
+    def spy(*args: Any) -> str:
+        digests.append(original(*args))
+        return digests[-1]
+
+    lines: list[str] = []
+    only = ["ast_kd", "ast_kd_paper", "ast_kd_released", "uq_ensembles"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ast_module, "_digest", spy)
+        run_claims(
+            only, seeds=1, size="ci", out=tmp_path / "c.md", cache=tmp_path / "cache", log=lines.append
+        )
+    trained = [line.split()[2] for line in lines if line.startswith("training victim")]
+    first_measure = next(i for i, line in enumerate(lines) if "measuring" in line)
+    assert all(i < first_measure for i, line in enumerate(lines) if line.startswith("training victim"))
+    assert len(trained) == len(set(trained)) == 6  # plain, 3 AST variants, Nasty, Stingy: once each
+    assert len(digests) == 3 and len(set(digests)) == 1
+    store = tmp_path / "cache" / "ci" / "model_store"
+    assert sorted(p.name for p in store.iterdir()) == sorted(trained)
 
 
 def test_a_ci_run_in_two_processes_measures_every_claim(tmp_path: Path) -> None:
