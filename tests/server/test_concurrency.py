@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -16,6 +17,26 @@ BATCH = 3
 BUDGET = 997  # not a multiple of the batch size
 REQUESTS = 400
 CONCURRENCY = 200
+
+
+def assert_budget_spent_exactly(
+    responses: list[httpx.Response], usage: dict[str, Any], audit: list[dict[str, Any]]
+) -> None:
+    """The exactness of concurrent spending (one Redis or a cluster): every response served or
+    refused ``budget_exhausted`` (no retry), exactly as many images charged as served and never
+    above the budget, each served request charged and audited once."""
+    statuses = collections.Counter(r.status_code for r in responses)
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    unexpected = {r.status_code: r.text[:300] for r in responses if r.status_code not in (200, 429)}
+    assert not unexpected, (statuses, unexpected)
+    assert all(error_of(r)["code"] == "budget_exhausted" for r in refused)
+    assert all(r.headers["x-should-retry"] == "false" for r in refused)
+    assert usage["used"] == BATCH * len(served) == BATCH * (BUDGET // BATCH)
+    assert usage["used"] <= BUDGET
+    charges = [e for e in audit if e["event"] == "charge"]
+    assert len(charges) == len(served) and sum(int(e["n"]) for e in charges) == usage["used"]
+    assert len({e["request_id"] for e in charges}) == len(served)
 
 
 async def hammer(url: str, headers: dict[str, str]) -> list[httpx.Response]:
@@ -45,16 +66,4 @@ def test_budget_exact_across_two_workers(model_store: Path, redis_url: str) -> N
             headers={"Authorization": "Bearer test-admin-token"},
         ).json()
 
-    statuses = collections.Counter(r.status_code for r in responses)
-    served = [r for r in responses if r.status_code == 200]
-    refused = [r for r in responses if r.status_code != 200]
-    unexpected = {r.status_code: r.text[:300] for r in responses if r.status_code not in (200, 429)}
-    assert not unexpected, (statuses, unexpected)
-    assert all(error_of(r)["code"] == "budget_exhausted" for r in refused)
-    assert all(r.headers["x-should-retry"] == "false" for r in refused)
-    # Exactly as many images charged as served, never above the budget.
-    assert usage["used"] == BATCH * len(served) == BATCH * (BUDGET // BATCH)
-    assert usage["used"] <= BUDGET
-    charges = [e for e in audit if e["event"] == "charge"]
-    assert len(charges) == len(served) and sum(int(e["n"]) for e in charges) == usage["used"]
-    assert len({e["request_id"] for e in charges}) == len(served)
+    assert_budget_spent_exactly(responses, usage, audit)
