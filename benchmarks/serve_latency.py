@@ -34,7 +34,9 @@ import secrets
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,14 +47,17 @@ import numpy as np
 import redis
 import torch
 
-from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
+from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
 from common.wire import decode_infer_response, infer_request
 from experiments.victim_process import free_port, victim_process
+from server.graphs import GraphMode
+from server.registry import ModelRegistry, ServedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fmnist-classifier"
 KEYS = 8
+REDIS_PID: list[int] = []
 
 
 def ensure_store(store: Path | None) -> Path:
@@ -90,6 +95,7 @@ def redis_server(url: str | None, embedded: bool) -> Iterator[str | None]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    REDIS_PID[:] = [proc.pid]
     try:
         deadline = time.monotonic() + 10
         client = redis.Redis(port=port)
@@ -117,19 +123,64 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def raw_forward(store: Path, batch: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` in-process forwards of ``batch`` images (after a warm-up)."""
-    model, _ = load_checkpoint(store / MODEL)
+def served_model(store: Path, graph_mode: GraphMode) -> ServedModel:
+    """The model as the server loads it (``graph_mode`` "torchscript": its serving graph)."""
+    return ModelRegistry.load(store, "cpu", graph_mode).models[MODEL]
+
+
+def raw_forward(served: ServedModel, batch: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` in-process forwards of ``batch`` images (after a warm-up), on
+    the calling thread, as the server's inference thread runs them: uint8 -> [0, 1] -> the model ->
+    softmax (:meth:`ServedModel.forward`, through the serving graph when it has one)."""
     images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
     times = []
-    with torch.inference_mode():
-        for i in range(repeats + 20):
-            started = time.perf_counter()
-            x = torch.from_numpy(np.array(images)).float().div_(255)
-            torch.softmax(model(x).float(), dim=1)
-            if i >= 20:
-                times.append(time.perf_counter() - started)
+    for i in range(repeats + 20):
+        started = time.perf_counter()
+        served.forward(served.to_model_input(images))
+        if i >= 20:
+            times.append(time.perf_counter() - started)
     return times
+
+
+def gil_probe(store: Path) -> None:
+    """A forward on a second thread while this one is idle, then while it runs Python without a
+    pause (as a busy event loop does): the eager module waits for the GIL after every op, the
+    serving graph does not (:mod:`server.graphs`)."""
+
+    def on_thread(served: ServedModel, batch: int, busy: bool) -> float:
+        times: list[float] = []
+        images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+
+        def run() -> None:
+            for i in range(70):
+                started = time.perf_counter()
+                served.forward(served.to_model_input(images))
+                if i >= 10:
+                    times.append(time.perf_counter() - started)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while thread.is_alive():
+            if busy:  # pure Python for 1 ms at a time, as a loop with ready callbacks
+                until = time.perf_counter() + 0.001
+                while time.perf_counter() < until:
+                    pass
+            else:
+                time.sleep(0.01)
+        return statistics.median(times) * 1000
+
+    print(
+        "\ngil probe: median ms of a forward on a second thread "
+        f"(switch interval {sys.getswitchinterval()} s)"
+    )
+    for mode in ("eager", "torchscript"):
+        served = served_model(store, mode)
+        cells = [
+            f"{batch:>2d} images: idle {on_thread(served, batch, False):7.2f}, "
+            f"busy {on_thread(served, batch, True):7.2f}"
+            for batch in (1, 32)
+        ]
+        print(f"  {mode:<11s} " + "   ".join(cells))
 
 
 class Connection:
@@ -216,8 +267,8 @@ def make_keys(url: str, admin_token: str, count: int) -> list[str]:
     ]
 
 
-def measure_api(url: str, pid: int, token: str, args: argparse.Namespace) -> dict[str, float]:
-    """Sequential latency and concurrent throughput of 1-image requests against one server."""
+def api_requests(url: str, token: str) -> tuple[list[bytes], str]:
+    """One prebuilt 1-image request per key (``KEYS`` unlimited keys), checked once; and a key."""
     keys = make_keys(url, token, KEYS)
     image = np.random.default_rng(1).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
     body, wire = infer_request(image, ["probabilities"], binary=True)
@@ -227,22 +278,41 @@ def measure_api(url: str, pid: int, token: str, args: argparse.Namespace) -> dic
     check.raise_for_status()
     values = decode_infer_response(check.content, check.headers.get("inference-header-content-length"))
     assert values["probabilities"].shape == (1, 10)
+    return requests, keys[0]
+
+
+def measure_round(
+    url: str, pid: int, requests: list[bytes], key: str, served: ServedModel, args: argparse.Namespace
+) -> dict[str, float]:
+    """One round, side by side: the raw forwards (1 image, batch ``clients``), then the API's
+    sequential latency and concurrent throughput, with the CPU each process spent per request."""
+    raw_one = raw_forward(served, 1, args.raw_repeats)
+    raw_batch = args.clients / statistics.median(raw_forward(served, args.clients, 15))
     cpu_started = cpu_seconds(pid)
     latency = asyncio.run(sequential(url, requests[0], args.requests))
     cpu_sequential = (cpu_seconds(pid) - cpu_started) / (args.requests + 50)
-    before = stats_counts(url, keys[0])
+    before = stats_counts(url, key)
     cpu_started = cpu_seconds(pid)
+    client_started = time.process_time()
+    redis_started = cpu_seconds(REDIS_PID[0]) if REDIS_PID else 0.0
     throughput = asyncio.run(concurrent(url, requests, args.clients, args.per_client))
-    cpu_concurrent = (cpu_seconds(pid) - cpu_started) / (args.clients * (args.per_client + 5))
-    after = stats_counts(url, keys[0])
-    executions = after[1] - before[1]
+    count = args.clients * (args.per_client + 5)
+    after = stats_counts(url, key)
+    raw_p50 = statistics.median(raw_one) * 1000
     return {
+        "raw_p50": raw_p50,
+        "raw_p99": float(np.percentile(raw_one, 99)) * 1000,
+        "raw_batch": raw_batch,
         "p50": statistics.median(latency) * 1000,
         "p99": float(np.percentile(latency, 99)) * 1000,
+        "overhead_ms": statistics.median(latency) * 1000 - raw_p50,
         "throughput": throughput,
-        "mean_batch": (after[0] - before[0]) / max(1, executions),
+        "ratio": throughput / raw_batch,
+        "mean_batch": (after[0] - before[0]) / max(1, after[1] - before[1]),
         "cpu_sequential_ms": cpu_sequential * 1000,
-        "cpu_concurrent_ms": cpu_concurrent * 1000,
+        "cpu_concurrent_ms": (cpu_seconds(pid) - cpu_started) / count * 1000,
+        "cpu_client_ms": (time.process_time() - client_started) / count * 1000,
+        "cpu_redis_ms": ((cpu_seconds(REDIS_PID[0]) - redis_started) / count * 1000) if REDIS_PID else 0.0,
     }
 
 
@@ -261,9 +331,17 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--embedded", action="store_true", help="serve on the embedded fakeredis")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--requests", type=int, default=500, help="sequential 1-image requests")
+    parser.add_argument("--requests", type=int, default=300, help="sequential 1-image requests")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--per-client", type=int, default=20, help="requests of each concurrent client")
+    parser.add_argument("--per-client", type=int, default=10, help="requests of each concurrent client")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of raw forwards then the API")
+    parser.add_argument("--raw-repeats", type=int, default=300, help="raw 1-image forwards per round")
+    parser.add_argument(
+        "--serving-graph", choices=["torchscript", "eager"], default="torchscript", help="as the server's"
+    )
+    parser.add_argument(
+        "--gil-probe", action="store_true", help="only: forwards on a thread beside an idle or busy one"
+    )
     parser.add_argument("--queue-delay-us", type=int, default=0, help="STEALRANGE_BATCH_QUEUE_DELAY_US")
     parser.add_argument(
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="more server settings"
@@ -272,48 +350,65 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     store = ensure_store(args.store)
-    raw_one = raw_forward(store, 1, args.requests)
-    raw_p50 = statistics.median(raw_one) * 1000
-    raw_p99 = float(np.percentile(raw_one, 99)) * 1000
-    raw_batch = args.clients / statistics.median(raw_forward(store, args.clients, 30))
+    if args.gil_probe:
+        gil_probe(store)
+        return
+    served = served_model(store, args.serving_graph)
+    eager_p50 = statistics.median(raw_forward(served_model(store, "eager"), 1, args.raw_repeats)) * 1000
     token = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
     env = {
         "STEALRANGE_TORCH_THREADS": str(args.threads),
         "STEALRANGE_ADMIN_TOKEN": token,
         "STEALRANGE_BATCH_QUEUE_DELAY_US": str(args.queue_delay_us),
+        "STEALRANGE_SERVING_GRAPH": args.serving_graph,
         **dict(item.split("=", 1) for item in args.server_env),
     }
-    results = {}
+    results: dict[bool, list[dict[str, float]]] = {}
     with redis_server(args.redis_url, args.embedded) as redis_url:
         for batching in (True, False):
             server_env = {**env, "STEALRANGE_BATCHING": str(batching).lower()}
             pid_file = Path(tempfile.mkdtemp()) / "victim.json"
             with victim_process(store, redis_url, env=server_env, pid_file=pid_file) as url:
                 pid = int(json.loads(pid_file.read_text())["pid"])
-                results[batching] = measure_api(url, pid, token, args)
+                requests, key = api_requests(url, token)
+                results[batching] = [
+                    measure_round(url, pid, requests, key, served, args) for _ in range(args.rounds)
+                ]
 
     backend = args.redis_url or ("embedded fakeredis" if args.embedded else "redis-server started here")
     print(
         f"\nserve_latency: 1-image requests, {args.threads} torch threads, Redis: {backend}, "
-        f"queue delay {args.queue_delay_us} us"
+        f"queue delay {args.queue_delay_us} us, serving graph {args.serving_graph}; "
+        f"{args.rounds} rounds, each the raw forwards then the API: median [min, max] over rounds"
     )
-    print(f"  raw in-process forward, 1 image    p50 {raw_p50:6.2f} ms   p99 {raw_p99:6.2f} ms")
-    print(f"  raw in-process forward, batch {args.clients:<4d} {raw_batch:8.0f} images/s")
-    for batching, r in results.items():
+
+    def spread(rounds: list[dict[str, float]], name: str, fmt: str) -> str:
+        values = [r[name] for r in rounds]
+        return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+    every = [r for rounds in results.values() for r in rounds]
+    print(
+        f"  raw in-process forward, 1 image    p50 {spread(every, 'raw_p50', '.2f')} ms   "
+        f"p99 {spread(every, 'raw_p99', '.2f')} ms   (eager module p50 {eager_p50:.2f} ms)"
+    )
+    print(f"  raw in-process forward, batch {args.clients:<4d} {spread(every, 'raw_batch', '.0f')} images/s")
+    for batching, rounds in results.items():
         name = "on " if batching else "off"
         print(
-            f"  API, batching {name}: p50 {r['p50']:6.2f} ms = raw + {r['p50'] - raw_p50:5.2f} ms "
-            f"(ratio {r['p50'] / raw_p50:4.2f}; target raw + 1.5 ms)   p99 {r['p99']:6.2f} ms "
-            f"(ratio {r['p99'] / raw_p99:4.2f})"
+            f"  API, batching {name}: p50 {spread(rounds, 'p50', '.2f')} ms = raw + "
+            f"{spread(rounds, 'overhead_ms', '.2f')} ms (target raw + 1.5 ms)   "
+            f"p99 {spread(rounds, 'p99', '.2f')} ms"
         )
         print(
-            f"      {args.clients} concurrent clients: {r['throughput']:7.0f} images/s, ratio to raw batch "
-            f"{args.clients} {r['throughput'] / raw_batch:5.3f} (target >= 0.6), "
-            f"mean batch {r['mean_batch']:5.1f}"
+            f"      {args.clients} concurrent clients: {spread(rounds, 'throughput', '.0f')} images/s, "
+            f"ratio to raw batch {args.clients} {spread(rounds, 'ratio', '.3f')} (target >= 0.6), "
+            f"mean batch {spread(rounds, 'mean_batch', '.1f')}"
         )
         print(
-            f"      server CPU per request: sequential {r['cpu_sequential_ms']:.2f} ms, "
-            f"concurrent {r['cpu_concurrent_ms']:.2f} ms (raw forward p50 {raw_p50:.2f} ms)"
+            f"      CPU per request: server sequential {spread(rounds, 'cpu_sequential_ms', '.2f')} ms, "
+            f"concurrent {spread(rounds, 'cpu_concurrent_ms', '.2f')} ms; "
+            f"clients {spread(rounds, 'cpu_client_ms', '.2f')} ms, "
+            f"redis-server {spread(rounds, 'cpu_redis_ms', '.2f')} ms"
         )
 
 

@@ -4,6 +4,16 @@ A key reads ``sr-<key_id>-<secret>``: ``key_id`` (16 hex digits) names the Redis
 accounting keys, ``secret`` (32 random bytes, URL-safe base64) is never stored: only
 HMAC-SHA256(pepper, secret) is. A fast keyed hash is the right tool for 256-bit random secrets (no
 dictionary to slow down). Unknown ids and wrong secrets take the same path and get the same 401.
+
+Charged requests (inference) may authenticate from a small per-worker cache of key records
+(``key_cache_ttl_s``, default 1 s): a record's fields that decide what a key may ask (tier, models,
+defense profile, rate, burst) never change after creation, and what does change (revocation, the
+budget used) is decided again by the charge script, in Redis, on every charged request. So a
+revoked key is refused from its next charged request on, in every worker; a cached record only
+saves the HGETALL round trip (about a quarter of a 1-image request's loop time, measured in
+docs/serving.md). Only keys found in Redis are cached: an unknown id costs its lookup every time,
+as before, and cannot fill the cache. Routes that show a key's state (``/v1/usage``, the admin API)
+always read Redis.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ import hmac
 import json
 import re
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -79,11 +91,22 @@ class CreatedKey(BaseModel):
 class KeyStore:
     """Create, read, list, revoke and authenticate keys in Redis."""
 
-    def __init__(self, redis: RedisClient, accounting: Accounting, secrets: ServerSecrets) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        accounting: Accounting,
+        secrets: ServerSecrets,
+        cache_ttl_s: float = 1.0,
+        cache_size: int = 10_000,
+    ) -> None:
         self.redis = redis
         self.accounting = accounting
         self.secrets = secrets  # the pepper is read at use: it is resolved in the app's lifespan
         self.index = f"{accounting.prefix}:keys"
+        self.cache_ttl_s = cache_ttl_s
+        self.cache_size = cache_size
+        # key_id -> (monotonic expiry, record, secret hash), least recently used first
+        self._cache: OrderedDict[str, tuple[float, KeyRecord, str]] = OrderedDict()
 
     def _hash(self, secret: str) -> str:
         return hmac.new(self.secrets.key_pepper, secret.encode(), hashlib.sha256).hexdigest()
@@ -134,17 +157,45 @@ class KeyStore:
         loaded = [_parse(raw) for raw in raws]
         return [entry[0] for entry in loaded if entry is not None]
 
+    async def _load_cached(self, key_id: str) -> tuple[KeyRecord, str] | None:
+        """``_load``, through the cache of records found in Redis (see the module's docstring)."""
+        now = time.monotonic()
+        entry = self._cache.get(key_id)
+        if entry is not None and entry[0] > now:
+            self._cache.move_to_end(key_id)
+            return entry[1], entry[2]
+        loaded = await self._load(key_id)
+        if loaded is None or loaded[0].revoked:
+            self._cache.pop(key_id, None)
+            return loaded
+        self._cache[key_id] = (now + self.cache_ttl_s, *loaded)
+        self._cache.move_to_end(key_id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return loaded
+
     async def revoke(self, key_id: str) -> KeyRecord | None:
-        """Mark a key revoked: the charge script refuses it from the next request on."""
+        """Mark a key revoked: the charge script refuses it from the next request on (in every
+        worker: the charge reads Redis); this worker's cached record goes at once, other workers'
+        within ``cache_ttl_s``."""
         if not await self.redis.exists(self.accounting.key_hash(key_id)):
             return None
         await self.redis.hset(self.accounting.key_hash(key_id), "revoked", 1)
+        self._cache.pop(key_id, None)
         return await self.get(key_id)
 
-    async def authenticate(self, presented: str | None) -> KeyRecord:
-        """The record of a valid, unrevoked key; one 401 for every other case."""
+    async def authenticate(self, presented: str | None, *, cached: bool = False) -> KeyRecord:
+        """The record of a valid, unrevoked key; one 401 for every other case.
+
+        ``cached``: the record may come from the per-worker cache, up to ``cache_ttl_s`` old: only
+        for requests the charge script checks again (revocation, budget) before any answer."""
         match = KEY_PATTERN.match(presented or "")
-        loaded = await self._load(match["key_id"]) if match else None
+        use_cache = cached and self.cache_ttl_s > 0
+        loaded = (
+            (await self._load_cached(match["key_id"]) if use_cache else await self._load(match["key_id"]))
+            if match
+            else None
+        )
         stored = loaded[1] if loaded else self._hash("0" * 43)  # the same work for unknown ids
         given = self._hash(match["secret"] if match else "x" * 43)
         valid = hmac.compare_digest(stored, given) and loaded is not None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 import defenses.output  # noqa: F401  (registers the output defenses)
 from common.checkpoints import CARD_FILE, ModelCard, OutputMode, load_checkpoint
@@ -19,6 +20,7 @@ from defenses.base import DefenseContext, DefensePipeline
 from defenses.config import DEFAULT_TIER, load_defense_config
 from defenses.detectors import Detector
 from server.errors import NotFoundError
+from server.graphs import GraphMode, serving_graph
 
 # Output tensor name -> the output mode a key's tier must allow to receive it.
 OUTPUT_MODES: dict[str, OutputMode] = {
@@ -51,6 +53,7 @@ class ServedModel:
     defenses: dict[str, DefensePipeline] = field(default_factory=dict)  # tier or "*" -> pipeline
     profiles: dict[str, DefensePipeline] = field(default_factory=dict)  # key's defense_profile -> pipeline
     detector: Detector | None = None
+    graph: nn.Module | None = None  # the forward as a frozen TorchScript graph (server.graphs), or eager
 
     @property
     def name(self) -> str:
@@ -87,7 +90,11 @@ class ServedModel:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The undefended outputs (embeddings, or probabilities) and, for classifiers, the logits."""
+        """The undefended outputs (embeddings, or probabilities) and, for classifiers, the logits:
+        through the serving graph when there is one (no GIL taken during the forward)."""
+        if self.graph is not None:
+            values, logits = self.graph(x)
+            return (values, None) if self.card.kind == "encoder" else (values, logits)
         if self.card.kind == "encoder":
             return self.model.features(x).float(), None
         logits = self.model(x).float()
@@ -148,7 +155,11 @@ class ModelRegistry:
         self.models = models
 
     @classmethod
-    def load(cls, store: Path, device: str | torch.device = "cpu") -> ModelRegistry:
+    def load(
+        cls, store: Path, device: str | torch.device = "cpu", graph_mode: GraphMode = "torchscript"
+    ) -> ModelRegistry:
+        """Every checkpoint of ``store`` on ``device``; ``graph_mode`` "torchscript" runs each
+        forward as a frozen TorchScript graph (:mod:`server.graphs`), "eager" as the module."""
         store = Path(store)
         if not store.is_dir():
             raise ModelStoreError(f"model store {store} is not a folder (set STEALRANGE_MODEL_STORE)")
@@ -181,6 +192,7 @@ class ModelRegistry:
                 defenses=pipelines,
                 profiles=profiles,
                 detector=detector,
+                graph=serving_graph(model, card, device) if graph_mode == "torchscript" else None,
             )
         return cls(models)
 

@@ -183,11 +183,15 @@ class InferenceService:
 
     # ----------------------------------------------------------------------- wire formats -> one Batch
 
-    async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
+    async def cpu(self, fn: Callable[..., T], *args: Any, work_bytes: int | None = None) -> T:
         """Run CPU work on a request's data (parsing, decoding, checks, encoding the answer) in a
-        worker thread, off the event loop. The hop costs ~45 us on an idle loop (measured), little
-        beside a request's ~1 ms of HTTP, Redis and routing; the forward never hops per request
-        (:mod:`server.batching`)."""
+        worker thread, off the event loop; or, when ``work_bytes`` (the bytes the work is linear
+        in) is at most ``settings.inline_cpu_bytes``, right here: a 1-image KServe body parses in
+        tens of microseconds, less than the hop (a thread wake-up and two GIL handoffs, measured in
+        docs/serving.md). Work of no stated size (image decoding, whose cost a small body does not
+        bound) always hops. The forward never hops per request (:mod:`server.batching`)."""
+        if work_bytes is not None and work_bytes <= self.settings.inline_cpu_bytes:
+            return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.input_limiter)
 
     async def kserve_batch(
@@ -200,7 +204,7 @@ class InferenceService:
                 "send larger batches with the binary tensor extension",
                 code="payload_too_large",
             )
-        return await self.cpu(self._kserve_batch, served, key, body, header_length)
+        return await self.cpu(self._kserve_batch, served, key, body, header_length, work_bytes=len(body))
 
     def _kserve_batch(
         self, served: ServedModel, key: KeyRecord, body: bytes, header_length: str | None

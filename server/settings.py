@@ -9,7 +9,7 @@ is set must be at least :data:`MIN_SECRET_LENGTH` characters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +96,23 @@ class ServerSettings(BaseSettings):
         "per model at >= the number of models); every forward runs on them. 1 suits a CPU: each thread "
         "keeps its own OpenMP team, and teams beyond the cores make every forward slow",
     )
+    key_cache_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="seconds a worker may reuse a key's record on charged requests (inference), "
+        "saving a Redis round trip; revocation and budgets are still checked by the charge script "
+        "on every request, so this only delays what a revoked key sees on metadata routes. 0 = off",
+    )
+    key_cache_size: int = Field(10_000, ge=1, description="most key records a worker caches")
+    inline_cpu_bytes: int = Field(
+        8192,
+        ge=0,
+        le=1 << 20,
+        description="a KServe body (and an answer's outputs) of at most this many bytes is parsed "
+        "(encoded) on the event loop: its work is bounded by its size and costs less than the thread "
+        "hop it would take; larger ones, and every encoded image, go to a worker thread. 0 = always hop",
+    )
     batching: bool = Field(
         True, description="dynamic batching: concurrent requests to a model share forwards"
     )
@@ -120,11 +137,31 @@ class ServerSettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; unset = torch's default"
     )
+    gil_switch_interval_us: int | None = Field(
+        200,
+        ge=50,
+        le=100_000,
+        description="the worker's GIL switch interval (sys.setswitchinterval), microseconds: how long "
+        "the inference thread may wait for the GIL after each torch op while the event loop runs "
+        "Python (Python's default, 5000, made a busy server's per-request outputs ~7x slower); unset "
+        "= leave the interpreter's",
+    )
+    serving_graph: Literal["torchscript", "eager"] = Field(
+        "torchscript",
+        description="how forwards run: a frozen TorchScript graph per model, which runs without the GIL "
+        "so the event loop's work does not stall it (a model that cannot be traced is served eager), "
+        "or the eager module (server.graphs)",
+    )
     device: str = Field("cpu", description="device of the served models: cpu, cuda, cuda:i")
     accounting_enabled: bool = Field(
         True,
         description="benchmarking only: False serves authenticated requests without charging them "
         "(warned at start, and every answer carries x-stealrange-unmetered: true)",
+    )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry spans, metrics and logs (with an OpenTelemetry SDK "
+        "configured in the process); off, the per-request provider checks are skipped",
     )
     expose_defense: bool = Field(False, description="name the applied defenses in responses")
 

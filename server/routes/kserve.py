@@ -10,7 +10,16 @@ from fastapi import APIRouter, Request, Response
 
 from common.wire import BINARY_CONTENT_TYPE, HEADER_LENGTH
 from server import __version__
-from server.deps import ApiKeyDep, RedisDep, RegistryDep, RequestIdsDep, ServiceDep, SettingsDep, StatsDep
+from server.deps import (
+    API_KEY_SECURITY,
+    ApiKeyDep,
+    InferenceCallDep,
+    RedisDep,
+    RegistryDep,
+    ServiceDep,
+    SettingsDep,
+    StatsDep,
+)
 from server.errors import KSERVE_ERROR_RESPONSES, ServiceUnavailableError
 from server.registry import ServedModel
 from server.schemas import (
@@ -27,6 +36,8 @@ from server.schemas import (
 from server.service import encode_infer_response
 
 router = APIRouter(tags=["KServe v2"])
+# The data plane (inference), included before every other route: FastAPI tries routes in order.
+inference_router = APIRouter(tags=["KServe v2"])
 
 
 def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +73,8 @@ _INFER_OPENAPI: dict[str, Any] = {
             "application/json": {"schema": _INFER_BODY},
             BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    "security": API_KEY_SECURITY,
 }
 
 
@@ -220,16 +232,15 @@ async def model_stats(name: str, key: ApiKeyDep, service: ServiceDep, stats: Sta
     return TritonStatistics.model_validate({"model_stats": [entry]})
 
 
-@router.post(
+@inference_router.post(
     "/v2/models/{name}/infer",
     response_model=InferResponse,
     summary="Inference: classifier outputs or encoder embeddings; 1 image = 1 query",
     openapi_extra=_INFER_OPENAPI,
     responses={**KSERVE_ERROR_RESPONSES, 200: {"content": {BINARY_CONTENT_TYPE: {}}}},
 )
-async def infer(
-    name: str, request: Request, key: ApiKeyDep, service: ServiceDep, ids: RequestIdsDep
-) -> Response:
+async def infer(name: str, request: Request, call: InferenceCallDep) -> Response:
+    service, key, ids = call.service, call.key, call.ids
     served = service.model_for(name, key)  # the key is checked before the body is read
     body = await request.body()
     infer_request, batch = await service.kserve_batch(
@@ -237,7 +248,12 @@ async def infer(
     )
     values, headers = await service.infer(served, key, batch, ids)
     content, media_type, length = await service.cpu(
-        encode_infer_response, served, infer_request, values, ids.request_id
+        encode_infer_response,
+        served,
+        infer_request,
+        values,
+        ids.request_id,
+        work_bytes=sum(v.nbytes for v in values.values()),
     )
     if length is not None:
         headers[HEADER_LENGTH] = str(length)

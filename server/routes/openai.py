@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from server.deps import ApiKeyDep, RequestIdsDep, ServiceDep
+from server.deps import API_KEY_SECURITY, ApiKeyDep, InferenceCallDep, ServiceDep
 from server.errors import ERROR_RESPONSES
 from server.schemas import (
     EmbeddingItem,
@@ -24,12 +24,14 @@ from server.schemas import (
 )
 
 router = APIRouter(tags=["OpenAI-style"])
+inference_router = APIRouter(tags=["OpenAI-style"])  # the data plane, included first
 
 _EMBEDDINGS_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": EmbeddingsRequest.model_json_schema()}},
-    }
+    },
+    "security": API_KEY_SECURITY,
 }
 
 
@@ -56,16 +58,15 @@ def _embedding_items(vectors: np.ndarray, encoding_format: str) -> list[Embeddin
     ]
 
 
-@router.post(
+@inference_router.post(
     "/v1/embeddings",
     response_model=EmbeddingsResponse,
     summary="Embed images with an encoder; usage.images (and the token counts) count the queries charged",
     responses=ERROR_RESPONSES,
     openapi_extra=_EMBEDDINGS_OPENAPI,
 )
-async def embeddings(
-    request: Request, response: Response, key: ApiKeyDep, service: ServiceDep, ids: RequestIdsDep
-) -> EmbeddingsResponse:
+async def embeddings(request: Request, response: Response, call: InferenceCallDep) -> EmbeddingsResponse:
+    service, key, ids = call.service, call.key, call.ids
     body = await request.body()  # only now: the key is valid
     parsed, served, batch = await service.embeddings_batch(key, body)
     values, headers = await service.infer(served, key, batch, ids)

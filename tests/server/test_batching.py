@@ -255,12 +255,16 @@ def test_every_forward_runs_on_one_long_lived_thread(
     assert threads == {"stealrange-inference-0"} and loop_thread not in threads
 
 
-def test_a_request_hops_to_a_thread_only_to_parse_and_encode(
-    model_store: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("inline_cpu_bytes", "hops_per_request"), [(8192, []), (0, ["_kserve_batch", "encode_infer_response"])]
+)
+def test_a_small_request_pays_no_thread_hop(
+    model_store: Path, monkeypatch: pytest.MonkeyPatch, inline_cpu_bytes: int, hops_per_request: list[str]
 ) -> None:
     """Item 1 of the issue: the forward pays no thread-pool hop, and neither do the dependencies
-    (FastAPI runs a plain ``def`` dependency in its thread pool): per 1-image request exactly two
-    hops remain, parsing the body and encoding the answer."""
+    (FastAPI runs a plain ``def`` dependency in its thread pool); a 1-image body is parsed and its
+    answer encoded on the loop (``inline_cpu_bytes``, default 8 KiB): no hop at all. With
+    ``inline_cpu_bytes=0`` exactly those two remain."""
     hops: list[str] = []
     run_sync = anyio.to_thread.run_sync
 
@@ -269,7 +273,8 @@ def test_a_request_hops_to_a_thread_only_to_parse_and_encode(
         return await run_sync(fn, *args, **kwargs)
 
     async def main() -> None:
-        async with serving(make_settings(model_store, None)) as (_, http):
+        settings = make_settings(model_store, None, inline_cpu_bytes=inline_cpu_bytes)
+        async with serving(settings) as (_, http):
             _, headers = await new_key(http)
             monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
             for i in range(5):
@@ -277,7 +282,7 @@ def test_a_request_hops_to_a_thread_only_to_parse_and_encode(
             monkeypatch.undo()
 
     asyncio.run(main())
-    assert sorted(hops) == sorted(["_kserve_batch", "encode_infer_response"] * 5)
+    assert sorted(hops) == sorted(hops_per_request * 5)
 
 
 def test_concurrent_requests_share_forwards_and_stats_count_them(

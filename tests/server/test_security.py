@@ -180,17 +180,15 @@ def test_a_bad_image_stops_the_batch_before_any_pixel_is_decoded(
     assert ok.status_code == 200 and len(loads) == 6 and used(client, auth) == 6
 
 
-def test_parsing_and_decoding_run_off_the_event_loop(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every CPU step on a request's input runs in a worker thread, never on the loop's thread."""
-    _, auth = create_key(client)
-    threads: dict[str, int] = {}
+def thread_spies(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, set[int]], int]:
+    """Spies on the CPU steps of a request (decode, parse, encode): the threads each ran on, and the
+    event loop's thread."""
+    threads: dict[str, set[int]] = {}
     loop_thread: list[int] = []
 
     def spy(name: str, fn: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            threads[name] = threading.get_ident()
+            threads.setdefault(name, set()).add(threading.get_ident())
             return fn(*args, **kwargs)
 
         return wrapped
@@ -207,6 +205,16 @@ def test_parsing_and_decoding_run_off_the_event_loop(
         return {}
 
     client.get("/__loop_thread")
+    return threads, loop_thread[0]
+
+
+def test_parsing_and_decoding_run_off_the_event_loop(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``inline_cpu_bytes=0`` every CPU step on a request runs in a worker thread."""
+    client = make_client(inline_cpu_bytes=0)
+    threads, loop = thread_spies(client, monkeypatch)
+    _, auth = create_key(client)
     png_batch = [b64(png(x)) for x in images(2)]
     assert (
         client.post("/v1/embeddings", json={"model": "enc", "input": png_batch}, headers=auth).status_code
@@ -215,7 +223,27 @@ def test_parsing_and_decoding_run_off_the_event_loop(
     body, extra = infer_request(images(2), ["embedding"], binary=True)
     assert client.post(ENC_INFER, content=body, headers={**auth, **extra}).status_code == 200
     assert set(threads) == {"decode", "parse", "encode"}
-    assert loop_thread and loop_thread[0] not in threads.values()
+    assert loop not in set().union(*threads.values())
+
+
+def test_only_small_tensor_work_runs_on_the_loop(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a KServe body (and an answer) of at most ``inline_cpu_bytes`` is parsed (encoded)
+    on the loop, where it costs less than a thread hop; a larger one hops; and an encoded image is
+    always decoded off the loop, however small its body: a small PNG can be a large image."""
+    client = make_client(inline_cpu_bytes=4096)
+    threads, loop = thread_spies(client, monkeypatch)
+    _, auth = create_key(client)
+    small, extra = infer_request(images(1), ["embedding"], binary=True)  # ~0.9 kB in, 256 B out
+    assert client.post(ENC_INFER, content=small, headers={**auth, **extra}).status_code == 200
+    assert threads["parse"] == {loop} and threads["encode"] == {loop}
+    threads.clear()
+    large, extra = infer_request(images(8), ["embedding"], binary=True)  # ~6.4 kB in
+    assert client.post(ENC_INFER, content=large, headers={**auth, **extra}).status_code == 200
+    assert loop not in threads["parse"]
+    threads.clear()
+    tiny_png = {"model": "enc", "input": b64(png(images(1)[0]))}
+    assert client.post("/v1/embeddings", json=tiny_png, headers=auth).status_code == 200
+    assert loop not in threads["decode"]
 
 
 def test_embeddings_body_is_not_read_before_the_key(model_store: Path) -> None:
