@@ -14,6 +14,7 @@ from server.deps import (
     API_KEY_SECURITY,
     ApiKeyDep,
     InferenceCallDep,
+    InferenceRoute,
     RedisDep,
     RegistryDep,
     ServiceDep,
@@ -37,7 +38,7 @@ from server.service import encode_infer_response
 
 router = APIRouter(tags=["KServe v2"])
 # The data plane (inference), included before every other route: FastAPI tries routes in order.
-inference_router = APIRouter(tags=["KServe v2"])
+inference_router = APIRouter(tags=["KServe v2"], route_class=InferenceRoute)
 
 
 def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
