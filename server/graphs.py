@@ -3,11 +3,12 @@
 Why. An eager PyTorch forward is a Python loop over modules: every op takes the GIL back when its
 kernel returns. While the event loop runs Python (parsing, Redis, HTTP for other requests), the
 inference thread waits for the GIL before each op, up to ``sys.getswitchinterval()`` (5 ms) each
-time: measured on 2 cores, a 1-image forward of the quick classifier took 3.6 ms with an idle
-event-loop thread and 192 ms with a busy one; a batch of 32, 41 ms and 238 ms (docs/serving.md,
-``benchmarks/serve_latency.py --gil-probe``). A TorchScript graph is run by the C++ interpreter
-with the GIL released for the whole forward (PyTorch's ``invokeScriptMethodFromPython``), so the
-forward goes on while the loop works: 2.5 ms idle and 8 ms busy for 1 image, 41 and 52 ms for 32.
+time: measured on 2 cores (two sessions), a 1-image forward of the quick classifier took 3.6-5.4 ms
+beside an idle thread and 192-232 ms beside one running Python; a batch of 32, 41-81 ms and 238-342
+ms (docs/serving.md, ``benchmarks/serve_latency.py --gil-probe``). A TorchScript graph is run by
+the C++ interpreter with the GIL released for the whole forward (PyTorch's
+``invokeScriptMethodFromPython``), so the forward goes on while the loop works: 2.5-3.1 ms idle and
+8-35 ms busy for 1 image, 41-52 and 52-97 ms for 32.
 
 How. ``torch.jit.trace`` on a batch of 2, then ``torch.jit.freeze`` (weights inlined, conv + batch
 norm folded), the graph returning exactly what :meth:`server.registry.ServedModel.forward` returns.
