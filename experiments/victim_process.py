@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from server.settings import KEEP_ALIVE_S
+
 ROOT = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1
 
@@ -110,6 +112,8 @@ def victim_process(
         str(workers),
         "--log-level",
         log_level,
+        "--timeout-keep-alive",
+        str(KEEP_ALIVE_S),
     ]
     proc = subprocess.Popen(
         command, cwd=ROOT, env=environment, start_new_session=True, preexec_fn=_die_with_parent

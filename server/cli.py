@@ -134,6 +134,8 @@ def serve(
     """Serve the victim API (settings from STEALRANGE_* env vars and these options)."""
     import uvicorn
 
+    from server.settings import KEEP_ALIVE_S
+
     if redis_cluster and not redis_url:
         console.print("[red]--redis-cluster needs --redis-url: the URL of one node of the cluster[/red]")
         raise typer.Exit(2)
@@ -148,4 +150,11 @@ def serve(
         redis_cluster=None if redis_cluster is None else str(redis_cluster).lower(),
         admin_token=admin_token,
     )
-    uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run(
+        "server.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )

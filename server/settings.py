@@ -16,6 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_LENGTH = 16
 BatchSize = Annotated[int, Field(ge=1, le=65536)]
+# uvicorn's keep-alive timeout for the API (every way this project starts it: `stealrange serve`,
+# the range's victim process, the Docker image). Longer than any common client's idle expiry
+# (httpx: 5 s, uvicorn's own default too): when both sides give up on an idle connection at the same
+# moment, a request sent on it as the server closes it is lost (httpx.ReadError; 1 run in 4 of the
+# two-worker test under 200 concurrent requests, 0 in 4 with this). The client should close first.
+KEEP_ALIVE_S = 75
 
 
 class BatchingOverride(BaseModel):
@@ -138,14 +144,12 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="torch intra-op threads; unset = torch's default"
     )
     gil_switch_interval_us: int | None = Field(
-        None,
+        200,
         ge=50,
         le=100_000,
-        description="the worker's GIL switch interval (sys.setswitchinterval), microseconds; unset = "
-        "Python's 5000. 200 cut the inference thread's GIL waits under load (per-request outputs ~7x "
-        "faster, 64 clients 0.56-0.78 of the raw batch-64 forward against 0.44-0.51) but two workers "
-        "under 200 concurrent requests then dropped connections in 2 of 3 runs: opt-in, "
-        "docs/serving.md",
+        description="the worker's GIL switch interval (sys.setswitchinterval) in microseconds: how long "
+        "the inference thread may wait for the GIL after each small torch op while the event loop runs "
+        "Python (Python's 5000 made a busy server's per-request outputs ~7x slower); unset = Python's",
     )
     serving_graph: Literal["torchscript", "eager"] = Field(
         "torchscript",
