@@ -51,13 +51,12 @@ from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
 from common.wire import decode_infer_response, infer_request
 from experiments.victim_process import free_port, victim_process
-from server.graphs import GraphMode
 from server.registry import ModelRegistry, ServedModel
+from server.settings import GraphMode
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fmnist-classifier"
 KEYS = 8
-REDIS_PID: list[int] = []
 
 
 def ensure_store(store: Path | None) -> Path:
@@ -79,13 +78,14 @@ def ensure_store(store: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def redis_server(url: str | None, embedded: bool) -> Iterator[str | None]:
-    """The Redis URL to serve on: the given one, none (embedded), or a redis-server started here."""
+def redis_server(url: str | None, embedded: bool) -> Iterator[tuple[str | None, int | None]]:
+    """The Redis URL to serve on (the given one, none: embedded, or a redis-server started here)
+    and the pid of the redis-server started here, if one was."""
     binary = shutil.which("redis-server")
     if url or embedded or binary is None:
         if not (url or embedded):
             print("(no redis-server on PATH: the embedded fakeredis serves)")
-        yield url
+        yield url, None
         return
     port = free_port()
     workdir = tempfile.mkdtemp()
@@ -95,7 +95,6 @@ def redis_server(url: str | None, embedded: bool) -> Iterator[str | None]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    REDIS_PID[:] = [proc.pid]
     try:
         deadline = time.monotonic() + 10
         client = redis.Redis(port=port)
@@ -107,7 +106,7 @@ def redis_server(url: str | None, embedded: bool) -> Iterator[str | None]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -282,7 +281,13 @@ def api_requests(url: str, token: str) -> tuple[list[bytes], str]:
 
 
 def measure_round(
-    url: str, pid: int, requests: list[bytes], key: str, served: ServedModel, args: argparse.Namespace
+    url: str,
+    pid: int,
+    redis_pid: int | None,
+    requests: list[bytes],
+    key: str,
+    served: ServedModel,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
     """One round, side by side: the raw forwards (1 image, batch ``clients``), then the API's
     sequential latency and concurrent throughput, with the CPU each process spent per request."""
@@ -294,7 +299,7 @@ def measure_round(
     before = stats_counts(url, key)
     cpu_started = cpu_seconds(pid)
     client_started = time.process_time()
-    redis_started = cpu_seconds(REDIS_PID[0]) if REDIS_PID else 0.0
+    redis_started = cpu_seconds(redis_pid) if redis_pid else 0.0
     throughput = asyncio.run(concurrent(url, requests, args.clients, args.per_client))
     count = args.clients * (args.per_client + 5)
     after = stats_counts(url, key)
@@ -312,7 +317,7 @@ def measure_round(
         "cpu_sequential_ms": cpu_sequential * 1000,
         "cpu_concurrent_ms": (cpu_seconds(pid) - cpu_started) / count * 1000,
         "cpu_client_ms": (time.process_time() - client_started) / count * 1000,
-        "cpu_redis_ms": ((cpu_seconds(REDIS_PID[0]) - redis_started) / count * 1000) if REDIS_PID else 0.0,
+        "cpu_redis_ms": ((cpu_seconds(redis_pid) - redis_started) / count * 1000) if redis_pid else 0.0,
     }
 
 
@@ -364,7 +369,7 @@ def main() -> None:
         **dict(item.split("=", 1) for item in args.server_env),
     }
     results: dict[bool, list[dict[str, float]]] = {}
-    with redis_server(args.redis_url, args.embedded) as redis_url:
+    with redis_server(args.redis_url, args.embedded) as (redis_url, redis_pid):
         for batching in (True, False):
             server_env = {**env, "STEALRANGE_BATCHING": str(batching).lower()}
             pid_file = Path(tempfile.mkdtemp()) / "victim.json"
@@ -372,7 +377,8 @@ def main() -> None:
                 pid = int(json.loads(pid_file.read_text())["pid"])
                 requests, key = api_requests(url, token)
                 results[batching] = [
-                    measure_round(url, pid, requests, key, served, args) for _ in range(args.rounds)
+                    measure_round(url, pid, redis_pid, requests, key, served, args)
+                    for _ in range(args.rounds)
                 ]
 
     backend = args.redis_url or ("embedded fakeredis" if args.embedded else "redis-server started here")

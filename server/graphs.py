@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import OrderedDict
-from typing import Literal
 
 import torch
 from torch import nn
@@ -36,7 +35,6 @@ from common.models import ImageModel
 
 logger = logging.getLogger("stealrange.server")
 
-GraphMode = Literal["torchscript", "eager"]
 TRACE_BATCH = 2
 CHECK_BATCHES = (1, 3)
 TOLERANCE = 1e-4

@@ -20,7 +20,8 @@ from defenses.base import DefenseContext, DefensePipeline
 from defenses.config import DEFAULT_TIER, load_defense_config
 from defenses.detectors import Detector
 from server.errors import NotFoundError
-from server.graphs import GraphMode, serving_graph
+from server.graphs import serving_graph
+from server.settings import GraphMode
 
 # Output tensor name -> the output mode a key's tier must allow to receive it.
 OUTPUT_MODES: dict[str, OutputMode] = {

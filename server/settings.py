@@ -16,11 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_LENGTH = 16
 BatchSize = Annotated[int, Field(ge=1, le=65536)]
+GraphMode = Literal["torchscript", "eager"]  # how forwards run (server.graphs)
 # uvicorn's keep-alive timeout for the API (every way this project starts it: `stealrange serve`,
 # the range's victim process, the Docker image). Longer than any common client's idle expiry
 # (httpx: 5 s, uvicorn's own default too): when both sides give up on an idle connection at the same
 # moment, a request sent on it as the server closes it is lost (httpx.ReadError; 1 run in 4 of the
-# two-worker test under 200 concurrent requests, 0 in 4 with this). The client should close first.
+# two-worker test under 200 concurrent requests, 0 in 8 with this). The client should close first.
 KEEP_ALIVE_S = 75
 
 
@@ -108,7 +109,8 @@ class ServerSettings(BaseSettings):
         le=60,
         description="seconds a worker may reuse a key's record on charged requests (inference), "
         "saving a Redis round trip; revocation and budgets are still checked by the charge script "
-        "on every request, so this only delays what a revoked key sees on metadata routes. 0 = off",
+        "on every request, so a revoked key is still refused at once (only its body may be read and "
+        "parsed first, for up to this long); other routes always read Redis. 0 = off",
     )
     key_cache_size: int = Field(10_000, ge=1, description="most key records a worker caches")
     inline_cpu_bytes: int = Field(
@@ -151,7 +153,7 @@ class ServerSettings(BaseSettings):
         "the inference thread may wait for the GIL after each small torch op while the event loop runs "
         "Python (Python's 5000 made a busy server's per-request outputs ~7x slower); unset = Python's",
     )
-    serving_graph: Literal["torchscript", "eager"] = Field(
+    serving_graph: GraphMode = Field(
         "torchscript",
         description="how forwards run: a frozen TorchScript graph per model, which runs without the GIL "
         "so the event loop's work does not stall it (a model that cannot be traced is served eager), "
