@@ -1,7 +1,7 @@
 """Charges per second on a Redis Cluster vs a single Redis, measured side by side in one run.
 
 Both backends are started here on free loopback ports: one ``redis-server``, and a cluster of three
-``redis-server --cluster-enabled yes`` masters (``tests/redis_cluster.py``). Each is driven through
+``redis-server --cluster-enabled yes`` masters (``tests/redis_servers.py``). Each is driven through
 the server's own client (:func:`server.redis_client.make_redis`: a blocking pool on the single
 node, the gated cluster client on the cluster) and :class:`server.accounting.Accounting`, so every
 charge is one EVALSHA of ``charge.lua`` (budget, GCRA rate limit, audit stream), as the API does.
@@ -34,12 +34,12 @@ import redis
 import redis.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the cluster harness lives with the tests (tests/redis_cluster.py)
+sys.path.insert(0, str(ROOT))  # the cluster harness lives with the tests (tests/redis_servers.py)
 
 from server.accounting import Accounting  # noqa: E402
 from server.redis_client import make_redis  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
-from tests.redis_cluster import redis_cluster, redis_single  # noqa: E402
+from tests.redis_servers import redis_cluster, redis_single  # noqa: E402
 
 
 def settings_for(url: str, cluster: bool, prefix: str) -> ServerSettings:
@@ -150,7 +150,7 @@ def main() -> None:
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        single = stack.enter_context(redis_single(root / "single"))
+        single = stack.enter_context(redis_single(root / "single")).url
         cluster = stack.enter_context(redis_cluster(root / "cluster"))
         backends = {"single node": (single, False), "cluster (3 masters)": (cluster, True)}
         ids = {

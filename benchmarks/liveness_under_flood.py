@@ -27,17 +27,13 @@ import io
 import json
 import multiprocessing
 import secrets
-import shutil
 import statistics
 import struct
-import subprocess
 import tempfile
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -45,13 +41,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 import torch
 from PIL import Image
 
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
-from experiments.victim_process import free_port, victim_process
+from experiments.victim_process import victim_process
+
+from harness import redis_single
 
 PROBE_PERIOD = 0.020
 PROBE_TIMEOUT = 10.0
@@ -75,34 +72,6 @@ def build_store(root: Path) -> Path:
     enc = build_model("encoder", "small_cnn", 1, [0.5], [0.5], feature_dim=64)
     save_checkpoint(enc, card_for(enc, "enc", "small_cnn", input=spec), root / "enc")
     return root
-
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A real redis-server on a free loopback port (no persistence); yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (scripts/install.sh installs it)")
-    port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [*command, "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------ payloads
@@ -342,8 +311,8 @@ def main() -> None:
             "STEALRANGE_SERVER_SECRET": secrets.token_hex(16),
         }
         with (
-            redis_server(root / "redis") as redis_url,
-            victim_process(store, redis_url, workers=1, env=env) as url,
+            redis_single(root / "redis") as redis_node,
+            victim_process(store, redis_node.url, workers=1, env=env) as url,
         ):
             created = httpx.post(
                 f"{url}/admin/keys",

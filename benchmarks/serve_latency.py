@@ -29,116 +29,35 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import secrets
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-import redis
 import torch
 
-from common.checkpoints import InputSpec, card_for, save_checkpoint
-from common.models import build_model
 from common.wire import decode_infer_response, infer_request
-from experiments.victim_process import free_port, victim_process
-from server.registry import ModelRegistry, ServedModel
-from server.settings import GraphMode
+from experiments.victim_process import victim_process
+from server.registry import ServedModel
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "fmnist-classifier"
+from harness import (
+    MODEL,
+    ROOT,
+    cpu_seconds,
+    ensure_store,
+    make_keys,
+    raw_forward,
+    redis_for_api,
+    served_model,
+)
+
 KEYS = 8
-
-
-def ensure_store(store: Path | None) -> Path:
-    """The store if it holds the model, else a temporary store with an untrained one of its shape."""
-    if store is not None and (store / MODEL / "card.json").is_file():
-        return store
-    print(f"(no trained {MODEL} in the store: benchmarking an untrained one of the same architecture)")
-    tmp = Path(tempfile.mkdtemp())
-    model = build_model("classifier", "small_cnn", 1, [0.5], [0.5])
-    card = card_for(
-        model,
-        MODEL,
-        "small_cnn",
-        input=InputSpec(channels=1, height=28, width=28),
-        classes=list("0123456789"),
-    )
-    save_checkpoint(model, card, tmp / MODEL)
-    return tmp
-
-
-@contextlib.contextmanager
-def redis_server(url: str | None, embedded: bool) -> Iterator[tuple[str | None, int | None]]:
-    """The Redis URL to serve on (the given one, none: embedded, or a redis-server started here)
-    and the pid of the redis-server started here, if one was."""
-    binary = shutil.which("redis-server")
-    if url or embedded or binary is None:
-        if not (url or embedded):
-            print("(no redis-server on PATH: the embedded fakeredis serves)")
-        yield url, None
-        return
-    port = free_port()
-    workdir = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        client = redis.Redis(port=port)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far, all threads (Linux ``/proc``; else 0)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def served_model(store: Path, graph_mode: GraphMode) -> ServedModel:
-    """The model as the server loads it (``graph_mode`` "torchscript": its serving graph)."""
-    return ModelRegistry.load(store, "cpu", graph_mode).models[MODEL]
-
-
-def raw_forward(served: ServedModel, batch: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` in-process forwards of ``batch`` images (after a warm-up), on
-    the calling thread, as the server's inference thread runs them: uint8 -> [0, 1] -> the model ->
-    softmax (:meth:`ServedModel.forward`, through the serving graph when it has one)."""
-    images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
-    times = []
-    for i in range(repeats + 20):
-        started = time.perf_counter()
-        served.forward(served.to_model_input(images))
-        if i >= 20:
-            times.append(time.perf_counter() - started)
-    return times
 
 
 def gil_probe(store: Path) -> None:
@@ -256,16 +175,6 @@ async def concurrent(url: str, requests: list[bytes], clients: int, per_client: 
             await conn.close()
 
 
-def make_keys(url: str, admin_token: str, count: int) -> list[str]:
-    admin = {"Authorization": f"Bearer {admin_token}"}
-    return [
-        httpx.post(f"{url}/admin/keys", json={"budget": -1}, headers=admin)
-        .raise_for_status()
-        .json()["api_key"]
-        for _ in range(count)
-    ]
-
-
 def api_requests(url: str, token: str) -> tuple[list[bytes], str]:
     """One prebuilt 1-image request per key (``KEYS`` unlimited keys), checked once; and a key."""
     keys = make_keys(url, token, KEYS)
@@ -369,7 +278,7 @@ def main() -> None:
         **dict(item.split("=", 1) for item in args.server_env),
     }
     results: dict[bool, list[dict[str, float]]] = {}
-    with redis_server(args.redis_url, args.embedded) as (redis_url, redis_pid):
+    with redis_for_api(args.redis_url, args.embedded) as (redis_url, redis_pid):
         for batching in (True, False):
             server_env = {**env, "STEALRANGE_BATCHING": str(batching).lower()}
             pid_file = Path(tempfile.mkdtemp()) / "victim.json"

@@ -2,7 +2,8 @@
 
 On the same model and the same torch threads:
 
-1. raw in-process forward (uint8 -> [0, 1] -> logits) at batch 256, images/s;
+1. raw in-process forward at batch 256, images/s, of the served model as the server's inference
+   thread runs it (uint8 -> [0, 1] -> the serving graph -> softmax; the eager module beside it);
 2. the API over HTTP, Triton binary uint8 at batch 256, accounting on, images/s;
 3. the same through JSON;
 4. accounting on vs off: p50 latency of 1-image requests (binary), and the difference.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import secrets
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,41 +26,18 @@ import httpx
 import numpy as np
 import torch
 
-from common.checkpoints import InputSpec, card_for, load_checkpoint, save_checkpoint
-from common.models import build_model
 from common.wire import infer_request
 from experiments.victim_process import victim_process
+from server.registry import ServedModel
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "fmnist-classifier"
-
-
-def ensure_store(store: Path | None) -> Path:
-    if store is not None and (store / MODEL / "card.json").is_file():
-        return store
-    print(f"(no trained {MODEL} in the store: benchmarking an untrained one of the same architecture)")
-    tmp = Path(tempfile.mkdtemp())
-    model = build_model("classifier", "small_cnn", 1, [0.5], [0.5])
-    card = card_for(
-        model,
-        MODEL,
-        "small_cnn",
-        input=InputSpec(channels=1, height=28, width=28),
-        classes=[str(i) for i in range(10)],
-    )
-    save_checkpoint(model, card, tmp / MODEL)
-    return tmp
+from harness import MODEL, ROOT, ensure_store, make_keys, raw_forward, served_model
 
 
-def raw_forward(store: Path, images: np.ndarray, repeats: int) -> float:
-    model, _ = load_checkpoint(store / MODEL)
-    with torch.inference_mode():
-        for _ in range(2):
-            model(torch.from_numpy(images).float().div_(255))
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(torch.from_numpy(np.array(images)).float().div_(255))
-        return repeats * len(images) / (time.perf_counter() - started)
+def raw_images_per_s(served: ServedModel, batch: int, repeats: int) -> float:
+    """Images/s of ``repeats`` in-process forwards of ``batch`` images, one after another (as
+    :func:`api_throughput` counts the API's)."""
+    times = raw_forward(served, batch, repeats, warmup=2)
+    return batch * len(times) / sum(times)
 
 
 def api_throughput(url: str, auth: dict[str, str], images: np.ndarray, repeats: int, binary: bool) -> float:
@@ -92,14 +69,6 @@ def p50_latency_ms(url: str, auth: dict[str, str], requests: int) -> float:
     return statistics.median(times) * 1000
 
 
-def make_key(url: str, admin_token: str) -> dict[str, str]:
-    response = httpx.post(
-        f"{url}/admin/keys", json={"budget": -1}, headers={"Authorization": f"Bearer {admin_token}"}
-    )
-    response.raise_for_status()
-    return {"Authorization": f"Bearer {response.json()['api_key']}"}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,19 +86,23 @@ def main() -> None:
     images = np.random.default_rng(0).integers(0, 256, (args.batch, 1, 28, 28), dtype=np.uint8)
     token = secrets.token_urlsafe(32)  # a fresh random token per run: no secret has a default
     env = {"STEALRANGE_TORCH_THREADS": str(args.threads), "STEALRANGE_ADMIN_TOKEN": token}
-    raw = raw_forward(store, images, args.repeats)
+    raw = raw_images_per_s(served_model(store, "torchscript"), args.batch, args.repeats)
+    raw_eager = raw_images_per_s(served_model(store, "eager"), args.batch, args.repeats)
     with victim_process(store, args.redis_url, env=env) as url:
-        auth = make_key(url, token)
+        auth = {"Authorization": f"Bearer {make_keys(url, token, 1)[0]}"}
         binary = api_throughput(url, auth, images, args.repeats, binary=True)
         as_json = api_throughput(url, auth, images, max(3, args.repeats // 4), binary=False)
         on_ms = p50_latency_ms(url, auth, args.latency_requests)
     with victim_process(store, args.redis_url, env={**env, "STEALRANGE_ACCOUNTING_ENABLED": "false"}) as url:
-        auth = make_key(url, token)
+        auth = {"Authorization": f"Bearer {make_keys(url, token, 1)[0]}"}
         off_ms = p50_latency_ms(url, auth, args.latency_requests)
 
     backend = args.redis_url or "embedded fakeredis"
     print(f"\nserve_throughput: batch {args.batch}, {args.threads} torch threads, Redis: {backend}")
-    print(f"  raw in-process forward      {raw:9.0f} images/s")
+    print(
+        f"  raw in-process forward      {raw:9.0f} images/s   (the serving graph, as the server runs it; "
+        f"eager module {raw_eager:.0f} images/s)"
+    )
     print(
         f"  API binary uint8 (charged)  {binary:9.0f} images/s   ratio to raw {binary / raw:.3f}"
         "  (target >= 0.85)"

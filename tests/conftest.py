@@ -2,7 +2,7 @@
 
 - ``redis_url``: a redis-server the harness starts itself (session-wide), on a free port.
 - ``redis_cluster_url``: a Redis Cluster of three masters the harness starts itself (session-wide,
-  on free loopback ports; :mod:`tests.redis_cluster`); skipped only where redis-server or redis-cli
+  on free loopback ports; :mod:`tests.redis_servers`); skipped only where redis-server or redis-cli
   is not installed.
 - ``backend``: parametrises a test over the embedded fakeredis and that real Redis.
 - ``model_store``: two untrained small CNNs (a classifier ``clf`` and an encoder ``enc``) on 1x28x28.
@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,16 +22,15 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import torch
 from fastapi.testclient import TestClient
 
 from common.checkpoints import InputSpec, card_for, save_checkpoint
 from common.models import build_model
-from experiments.victim_process import free_port, victim_process
+from experiments.victim_process import victim_process
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.redis_cluster import missing_binaries, redis_cluster
+from tests.redis_servers import RedisStartError, missing_binaries, redis_cluster, redis_single
 
 ADMIN_TOKEN = "test-admin-token"
 # One intra-op thread: on 2 shared cores, torch's thread pool contending with other work makes tiny
@@ -45,42 +41,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server started by the harness on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (scripts/install.sh installs it)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        with redis_single(tmp_path_factory.mktemp("redis")) as node:
+            yield node.url
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from server.app import create_app
 from server.redis_client import ClusterClient, cluster_client, make_redis
 from server.settings import ServerSettings
 from tests.conftest import admin_headers, create_key, error_of, make_settings, run_live_server
-from tests.redis_cluster import missing_binaries, redis_cluster
+from tests.redis_servers import missing_binaries, redis_cluster
 from tests.server.test_concurrency import BUDGET, assert_budget_spent_exactly, hammer
 from tests.server.test_stateful_api import (
     PRADA,

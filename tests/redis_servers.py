@@ -1,11 +1,12 @@
-"""A real Redis Cluster for tests and benchmarks: three ``redis-server --cluster-enabled yes`` masters
-on free loopback ports, joined with ``redis-cli --cluster create`` (about a second), torn down after.
+"""Real redis-servers for tests and benchmarks, on free loopback ports, torn down after: one node
+(:func:`redis_single`), or a Redis Cluster of three ``redis-server --cluster-enabled yes`` masters
+joined with ``redis-cli --cluster create`` (:func:`redis_cluster`, about a second).
 
 Nothing is persisted (``--save ''``, no AOF); each node's ``nodes.conf`` lives in its own folder of
 ``workdir``. Each node gets a free client port and a free cluster-bus port (``--cluster-port``, Redis
 7+), so it never collides with anything else on the machine. :func:`redis_cluster` yields the URL
 of one node (``redis://127.0.0.1:<port>/0``); a cluster client discovers the others from it.
-:func:`redis_single` is the single-node counterpart, for side-by-side measurements.
+:func:`redis_single` yields a :class:`RedisNode` (its URL and pid).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 
@@ -24,8 +26,19 @@ from experiments.victim_process import free_port
 BINARIES = ("redis-server", "redis-cli")
 
 
-class ClusterStartError(RuntimeError):
-    """A node did not start, or the cluster did not reach ``cluster_state:ok`` in time."""
+class RedisStartError(RuntimeError):
+    """A redis-server did not start, or a cluster did not reach ``cluster_state:ok`` in time."""
+
+
+class RedisNode(NamedTuple):
+    """One running redis-server: its loopback port and its pid (benchmarks read its CPU time)."""
+
+    port: int
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
 
 def missing_binaries() -> list[str]:
@@ -41,15 +54,15 @@ def _wait_ping(client: redis.Redis, proc: subprocess.Popen[bytes], timeout: floa
             return
         except redis.ConnectionError:
             if proc.poll() is not None:
-                raise ClusterStartError(f"redis-server exited with code {proc.returncode}") from None
+                raise RedisStartError(f"redis-server exited with code {proc.returncode}") from None
             if time.monotonic() > deadline:
-                raise ClusterStartError("redis-server did not answer PING in time") from None
+                raise RedisStartError("redis-server did not answer PING in time") from None
             time.sleep(0.02)
 
 
 @contextmanager
-def _node(workdir: Path, cluster: bool, timeout: float) -> Iterator[int]:
-    """One redis-server on a free loopback port (cluster mode or not); yields its port."""
+def _node(workdir: Path, cluster: bool, timeout: float) -> Iterator[RedisNode]:
+    """One redis-server on a free loopback port (cluster mode or not)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -66,7 +79,7 @@ def _node(workdir: Path, cluster: bool, timeout: float) -> Iterator[int]:
     try:
         with redis.Redis(port=port) as client:
             _wait_ping(client, proc, timeout)
-        yield port
+        yield RedisNode(port, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -77,10 +90,12 @@ def _node(workdir: Path, cluster: bool, timeout: float) -> Iterator[int]:
 
 
 @contextmanager
-def redis_single(workdir: Path, timeout: float = 10.0) -> Iterator[str]:
-    """A single-node redis-server on a free loopback port; yields its URL."""
-    with _node(workdir, cluster=False, timeout=timeout) as port:
-        yield f"redis://127.0.0.1:{port}/0"
+def redis_single(workdir: Path, timeout: float = 10.0) -> Iterator[RedisNode]:
+    """A single-node redis-server on a free loopback port (no persistence)."""
+    if shutil.which("redis-server") is None:
+        raise RedisStartError("not installed: redis-server (scripts/install.sh installs it)")
+    with _node(workdir, cluster=False, timeout=timeout) as node:
+        yield node
 
 
 @contextmanager
@@ -93,9 +108,9 @@ def redis_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> Ite
         raise ValueError("redis-cli --cluster create needs at least 3 masters")
     missing = missing_binaries()
     if missing:
-        raise ClusterStartError(f"not installed: {', '.join(missing)} (scripts/install.sh installs them)")
+        raise RedisStartError(f"not installed: {', '.join(missing)} (scripts/install.sh installs them)")
     with ExitStack() as stack:
-        ports = [stack.enter_context(_node(workdir / f"node{i}", True, timeout)) for i in range(masters)]
+        ports = [stack.enter_context(_node(workdir / f"node{i}", True, timeout)).port for i in range(masters)]
         create = [shutil.which("redis-cli") or "redis-cli", "--cluster", "create"]
         create += [f"127.0.0.1:{p}" for p in ports] + ["--cluster-replicas", "0", "--cluster-yes"]
         created = subprocess.run(
@@ -105,7 +120,7 @@ def redis_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> Ite
             timeout=timeout,
         )
         if created.returncode != 0:
-            raise ClusterStartError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+            raise RedisStartError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
         _wait_formed(ports, timeout)
         yield f"redis://127.0.0.1:{ports[0]}/0"
 
@@ -123,5 +138,5 @@ def _wait_formed(ports: list[int], timeout: float) -> None:
                 if state == "ok" and known == len(ports):
                     break
                 if time.monotonic() > deadline:
-                    raise ClusterStartError(f"node {port}: cluster_state={state}, known nodes={known}")
+                    raise RedisStartError(f"node {port}: cluster_state={state}, known nodes={known}")
                 time.sleep(0.05)
