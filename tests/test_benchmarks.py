@@ -1,5 +1,6 @@
-"""The serving benchmarks run end to end (tiny sizes: a smoke run, not a measurement), so that a
-change to the server they drive cannot leave them broken. Each starts its own API process."""
+"""The serving benchmarks (serve_latency, serve_throughput, serving_micro) run end to end at tiny
+sizes (a smoke run, not a measurement), so that a change to the server they drive cannot leave them
+broken."""
 
 from __future__ import annotations
 
@@ -53,3 +54,10 @@ def test_serve_throughput_runs_and_prints_its_ratios() -> None:
     assert re.search(rf"raw in-process forward +{NUMBER} images/s .*eager module {NUMBER}", out), out
     assert re.search(rf"API binary uint8 \(charged\) +{NUMBER} images/s +ratio to raw {NUMBER}", out), out
     assert re.search(rf"accounting on {NUMBER} ms, off {NUMBER} ms", out), out
+
+
+def test_serving_micro_runs_every_probe() -> None:
+    out = run_benchmark("serving_micro.py", "--repeats", "10", "--threads", "1")
+    assert re.search(rf"hop .*calling thread {NUMBER} ms; from a pool of 4 {NUMBER} ms", out), out
+    assert re.search(rf"pause .*back to back {NUMBER} ms; after a 2 ms sleep {NUMBER} ms", out), out
+    assert re.search(rf"redis: a charge p50 back to back {NUMBER} ms; after 1 ms idle {NUMBER}", out), out

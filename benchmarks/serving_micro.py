@@ -1,0 +1,168 @@
+"""The micro-measurements behind docs/serving.md's "where the time went", each side by side in one run.
+
+1. ``hop``: a 1-image forward of the served model, p50, on the calling thread; from a thread pool of
+   4 threads (as anyio's ``to_thread`` spreads work); on one long-lived second thread; and on the
+   calling thread again after the others ran torch (their OpenMP teams stay alive). With 2 torch
+   threads the pool pays for several OpenMP teams on few cores; with 1 there is no team.
+2. ``pause``: the forward's own CPU time (thread clock) back to back, after a 2 ms pause (sleeping),
+   and on a thread woken from a condition wait after the same pause (as the inference thread is).
+3. ``redis``: one charge (the accounting's Lua script) on a real redis-server, p50 wall time back to
+   back and after 1 ms / 3 ms idle: the cost of a hand-off after an idle gap on this machine.
+
+Run in a fresh process (the OpenMP teams of an earlier probe would change a later one):
+
+    .venv/bin/python benchmarks/serving_micro.py [--probe hop|pause|redis] [--threads 2]
+        [--serving-graph torchscript|eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.accounting import Accounting
+from server.redis_client import make_redis
+from server.registry import ServedModel
+from server.settings import ServerSettings
+
+from harness import ROOT, ensure_store, redis_for_api, served_model
+
+
+def one_image_forward(served: ServedModel) -> Callable[[], None]:
+    image = np.random.default_rng(0).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    return lambda: served.forward(served.to_model_input(image))
+
+
+def p50_ms(run: Callable[[], object], repeats: int, warmup: int = 20) -> float:
+    """Median wall time of ``run()``, in ms."""
+    times = []
+    for i in range(repeats + warmup):
+        started = time.perf_counter()
+        run()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def hop(served: ServedModel, threads: int, repeats: int) -> None:
+    forward = one_image_forward(served)
+    first = p50_ms(forward, repeats)
+    with ThreadPoolExecutor(4) as pool:
+        pooled = p50_ms(lambda: pool.submit(forward).result(), repeats)
+    result: list[float] = []
+    second = threading.Thread(target=lambda: result.append(p50_ms(forward, repeats)))
+    second.start()
+    second.join()
+    again = p50_ms(forward, repeats)
+    print(
+        f"hop ({threads} torch threads): 1-image forward p50 on the calling thread {first:.2f} ms; "
+        f"from a pool of 4 {pooled:.2f} ms; on a second "
+        f"thread {result[0]:.2f} ms; on the calling thread again {again:.2f} ms"
+    )
+
+
+def pause(served: ServedModel, threads: int, repeats: int) -> None:
+    forward = one_image_forward(served)
+
+    def cpu_ms(gap_s: float) -> float:
+        times = []
+        for i in range(repeats + 20):
+            if gap_s:
+                time.sleep(gap_s)
+            started = time.thread_time()
+            forward()
+            if i >= 20:
+                times.append(time.thread_time() - started)
+        return statistics.median(times) * 1000
+
+    hot, after_pause = cpu_ms(0.0), cpu_ms(0.002)
+    cond = threading.Condition()
+    woken: list[float] = []
+    turn = [0]
+
+    def worker() -> None:
+        for i in range(repeats + 20):
+            with cond:
+                while turn[0] <= i:
+                    cond.wait()
+            started = time.thread_time()
+            forward()
+            if i >= 20:
+                woken.append(time.thread_time() - started)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for _ in range(repeats + 20):
+        time.sleep(0.002)
+        with cond:
+            turn[0] += 1
+            cond.notify()
+    thread.join()
+    print(
+        f"pause ({threads} torch threads): 1-image forward CPU p50 back to back {hot:.2f} ms; "
+        f"after a 2 ms sleep {after_pause:.2f} ms; on a thread woken from a wait after 2 ms "
+        f"{statistics.median(woken) * 1000:.2f} ms"
+    )
+
+
+def redis_gap(repeats: int) -> None:
+    with redis_for_api(None, False) as (url, _):
+        if url is None:
+            print("redis: no redis-server installed: skipped")
+            return
+
+        async def measure() -> list[float]:
+            client = make_redis(ServerSettings(redis_url=url))
+            accounting = Accounting(client, "micro")
+            await client.hset(accounting.key_hash("k"), mapping={"budget": -1, "used": 0, "rate": 0})
+            medians = []
+            for gap_s in (0.0, 0.001, 0.003):
+                times = []
+                for i in range(repeats + 20):
+                    if gap_s:
+                        await asyncio.sleep(gap_s)
+                    started = time.perf_counter()
+                    await accounting.charge("k", 1, "m", "probabilities", "r")
+                    if i >= 20:
+                        times.append(time.perf_counter() - started)
+                medians.append(statistics.median(times) * 1000)
+            await client.aclose()
+            return medians
+
+        back, one, three = asyncio.run(measure())
+        print(
+            f"redis: a charge p50 back to back {back:.2f} ms; after 1 ms idle {one:.2f} ms; "
+            f"after 3 ms idle {three:.2f} ms"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--probe", choices=["hop", "pause", "redis"], action="append")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=300, help="timed repeats of each measurement")
+    parser.add_argument("--serving-graph", choices=["torchscript", "eager"], default="torchscript")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    served = served_model(ensure_store(args.store), args.serving_graph)
+    for probe in args.probe or ["hop", "pause", "redis"]:
+        if probe == "redis":
+            redis_gap(args.repeats)
+        else:
+            (hop if probe == "hop" else pause)(served, args.threads, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
