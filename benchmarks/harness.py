@@ -1,9 +1,11 @@
-"""What the serving benchmarks share (``serve_latency.py``, ``serve_throughput.py``): the model they
-serve, the raw forward they compare the API against, a real redis-server, API keys and CPU time.
+"""What the serving benchmarks share (``serve_latency.py``, ``serve_throughput.py``,
+``serving_micro.py``, ``liveness_under_flood.py``): the model they serve, the raw forward they
+compare the API against, a real redis-server, API keys and CPU time.
 
 The raw reference is the served model as the server's inference thread runs it
 (:meth:`server.registry.ServedModel.forward`: uint8 -> [0, 1] -> the serving graph -> softmax), so a
-ratio of the API to it is not flattered by a slower reference; the eager module is measured beside it.
+ratio of the API to it is not flattered by a slower reference; the benchmarks print the eager
+module's figure beside it.
 """
 
 from __future__ import annotations
