@@ -7,7 +7,9 @@
 2. ``pause``: the forward's own CPU time (thread clock) back to back, after a 2 ms pause (sleeping),
    and on a thread woken from a condition wait after the same pause (as the inference thread is).
 3. ``redis``: one charge (the accounting's Lua script) on a real redis-server, p50 wall time back to
-   back and after 1 ms / 3 ms idle: the cost of a hand-off after an idle gap on this machine.
+   back and after 1 ms / 3 ms idle (the cost of a hand-off after an idle gap on this machine), and
+   a plain HGET; then a charge and an HGET on the embedded fakeredis, which runs in the event loop's
+   own thread (Redis emulated in Python: each ``redis.call`` of the script is a Python command).
 
 Run in a fresh process (the OpenMP teams of an earlier probe would change a later one):
 
@@ -22,7 +24,7 @@ import asyncio
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,35 +116,49 @@ def pause(served: ServedModel, threads: int, repeats: int) -> None:
     )
 
 
-def redis_gap(repeats: int) -> None:
+async def charge_and_hget_ms(url: str | None, gaps_s: tuple[float, ...], repeats: int) -> list[float]:
+    """p50 ms of a charge (``charge.lua`` through :class:`Accounting`, as the API runs it) after each
+    idle gap in ``gaps_s``, then of a plain HGET back to back; on ``url`` (None: the embedded
+    fakeredis, with the server's own client)."""
+    client = make_redis(ServerSettings(redis_url=url))
+    accounting = Accounting(client, "micro")
+    await client.hset(accounting.key_hash("k"), mapping={"budget": -1, "used": 0, "rate": 0})
+
+    async def p50(command: Callable[[], Awaitable[object]], gap_s: float) -> float:
+        times = []
+        for i in range(repeats + 20):
+            if gap_s:
+                await asyncio.sleep(gap_s)
+            started = time.perf_counter()
+            await command()
+            if i >= 20:
+                times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    def charge() -> Awaitable[object]:
+        return accounting.charge("k", 1, "m", "probabilities", "r")
+
+    def hget() -> Awaitable[object]:
+        return client.hget(accounting.key_hash("k"), "used")
+
+    try:
+        return [*[await p50(charge, gap) for gap in gaps_s], await p50(hget, 0.0)]
+    finally:
+        await client.aclose()
+
+
+def redis_costs(repeats: int) -> None:
     with redis_for_api(None, False) as (url, _):
         if url is None:
             print("redis: no redis-server installed: skipped")
-            return
-
-        async def measure() -> list[float]:
-            client = make_redis(ServerSettings(redis_url=url))
-            accounting = Accounting(client, "micro")
-            await client.hset(accounting.key_hash("k"), mapping={"budget": -1, "used": 0, "rate": 0})
-            medians = []
-            for gap_s in (0.0, 0.001, 0.003):
-                times = []
-                for i in range(repeats + 20):
-                    if gap_s:
-                        await asyncio.sleep(gap_s)
-                    started = time.perf_counter()
-                    await accounting.charge("k", 1, "m", "probabilities", "r")
-                    if i >= 20:
-                        times.append(time.perf_counter() - started)
-                medians.append(statistics.median(times) * 1000)
-            await client.aclose()
-            return medians
-
-        back, one, three = asyncio.run(measure())
-        print(
-            f"redis: a charge p50 back to back {back:.2f} ms; after 1 ms idle {one:.2f} ms; "
-            f"after 3 ms idle {three:.2f} ms"
-        )
+        else:
+            back, one, three, hget = asyncio.run(charge_and_hget_ms(url, (0.0, 0.001, 0.003), repeats))
+            print(
+                f"redis: a charge p50 back to back {back:.2f} ms; after 1 ms idle {one:.2f} ms; "
+                f"after 3 ms idle {three:.2f} ms; an HGET {hget:.2f} ms"
+            )
+    charge, hget = asyncio.run(charge_and_hget_ms(None, (0.0,), repeats))
+    print(f"embedded fakeredis: a charge p50 {charge:.2f} ms; an HGET {hget:.2f} ms")
 
 
 def main() -> None:
@@ -156,10 +172,12 @@ def main() -> None:
     parser.add_argument("--serving-graph", choices=["torchscript", "eager"], default="torchscript")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    served = served_model(ensure_store(args.store), args.serving_graph)
-    for probe in args.probe or ["hop", "pause", "redis"]:
+    probes = args.probe or ["hop", "pause", "redis"]
+    if {"hop", "pause"} & set(probes):
+        served = served_model(ensure_store(args.store), args.serving_graph)
+    for probe in probes:
         if probe == "redis":
-            redis_gap(args.repeats)
+            redis_costs(args.repeats)
         else:
             (hop if probe == "hop" else pause)(served, args.threads, args.repeats)
 

@@ -61,3 +61,4 @@ def test_serving_micro_runs_every_probe() -> None:
     assert re.search(rf"hop .*calling thread {NUMBER} ms; from a pool of 4 {NUMBER} ms", out), out
     assert re.search(rf"pause .*back to back {NUMBER} ms; after a 2 ms sleep {NUMBER} ms", out), out
     assert re.search(rf"redis: a charge p50 back to back {NUMBER} ms; after 1 ms idle {NUMBER}", out), out
+    assert re.search(rf"embedded fakeredis: a charge p50 {NUMBER} ms; an HGET {NUMBER} ms", out), out
