@@ -59,7 +59,7 @@ class ResponseCache:
         rows = []
         for key, outputs in entries.items():
             buffer = io.BytesIO()
-            np.savez(buffer, **outputs)
+            np.savez(buffer, **outputs)  # type: ignore[arg-type]  # numpy's stubs type **kwds as bool
             rows.append((key, buffer.getvalue()))
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO responses (key, value) VALUES (?, ?)", rows)

@@ -202,7 +202,7 @@ def resolve_output(requested: str, allowed: list[str]) -> AnswerMode:
         return available[0]
     if requested not in available:
         raise ValueError(f"this key may not ask for {requested!r}; it may ask for {', '.join(available)}")
-    return requested  # type: ignore[return-value]
+    return requested
 
 
 def plot_diversity(rows: list[dict[str, Any]], path: Path, title: str) -> None:

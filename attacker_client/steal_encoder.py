@@ -220,7 +220,7 @@ def evaluate_references(
     evaluation_key = config.evaluation.model_dump(mode="json", exclude={"data_root"})
     surrogate_key = {"architecture": p.architecture, "dim": surrogate.feature_dim, "seed": p.seed}
     train = p.train_config(device).model_copy(update={"epochs": 10**6, "max_steps": max(1, steps)})
-    keys = {
+    keys: dict[str, dict[str, Any]] = {
         # the served version is the weights' digest: the same behind every defense of a range
         "victim": {"role": "victim", "version": version, "eval": evaluation_key},
         "untrained": {"role": "untrained", **surrogate_key, "eval": evaluation_key},

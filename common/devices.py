@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -43,6 +46,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA (faster convolutions with AMP), contiguous elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def move_to(module: ModuleT, device: torch.device) -> ModuleT:
+    """``module`` moved to ``device`` in that device's memory format (:func:`memory_format`), in place."""
+    # torch's stubs lack Module.to's memory_format keyword, which it accepts at run time.
+    module.to(device, memory_format=memory_format(device))  # type: ignore[call-overload]
+    return module
 
 
 @contextlib.contextmanager

@@ -33,6 +33,9 @@ ModelKind = Literal["classifier", "encoder"]
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` as a module, so checkpoints carry their preprocessing."""
 
+    mean: torch.Tensor  # buffers [1, C, 1, 1]
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -204,6 +207,7 @@ class Classifier(ImageModel):
     """Backbone + linear head to ``num_classes`` logits."""
 
     kind: ModelKind = "classifier"
+    head: nn.Linear
 
     def __init__(self, backbone: Backbone, num_classes: int, mean: Sequence[float], std: Sequence[float]):
         super().__init__(backbone, nn.Linear(backbone.feature_dim, num_classes), mean, std)

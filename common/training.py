@@ -23,7 +23,7 @@ from torch import nn
 
 from common import distributed
 from common.datasets import ImageData
-from common.devices import autocast, memory_format, resolve_device, seed_everything
+from common.devices import autocast, memory_format, move_to, resolve_device, seed_everything
 from common.progress import make_progress
 from common.views import ViewGenerator
 
@@ -197,7 +197,7 @@ def train_classifier(
 ) -> list[dict[str, float]]:
     """Supervised training with cross-entropy on ``data`` (optionally on augmented views)."""
     device = resolve_device(cfg.device)
-    model.to(device, memory_format=memory_format(device))
+    move_to(model, device)
     labels = data.labels.to(device)
 
     def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -237,7 +237,7 @@ def train_simclr(
 ) -> list[dict[str, float]]:
     """SimCLR self-supervised training: two views per image, NT-Xent on the projection head."""
     device = resolve_device(cfg.device)
-    encoder.to(device, memory_format=memory_format(device))
+    move_to(encoder, device)
 
     def step(net: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = batch_to_device(data.images[batch], device)

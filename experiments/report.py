@@ -235,7 +235,8 @@ def _defense_lines(
         if base is None:
             continue
         compared = True
-        below, over = [], []
+        below: list[str] = []
+        over: list[str] = []
         for defense in defenses:
             group = groups.get(GroupKey(victim, defense, attack, budget))
             if defense == "none" or group is None:
@@ -588,8 +589,11 @@ def plots(run_dir: Path, lines: list[CellLine]) -> None:
                 label = defense if len(victims) == 1 else f"{defense} ({victim})"
                 x = [q.mean for g in series if (q := g.interval(QUERIES)) is not None]
                 for i, metric in enumerate(metrics):
-                    points = [(xi, g.interval(metric)) for xi, g in zip(x, series, strict=True)]
-                    points = [(xi, iv) for xi, iv in points if iv is not None]
+                    points = [
+                        (xi, iv)
+                        for xi, g in zip(x, series, strict=True)
+                        if (iv := g.interval(metric)) is not None
+                    ]
                     if points:
                         axes[i][j].errorbar(
                             [p[0] for p in points],

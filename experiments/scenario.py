@@ -21,7 +21,7 @@ kind (:mod:`attacker_client.families`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -41,6 +41,7 @@ from attacker_client.families import FAMILIES, AttackFamily
 from common.datasets import DATASETS
 from common.models import ModelKind
 from defenses.base import DefensePipeline
+from defenses.data.sep import Method as ProtectionMethod
 from defenses.detectors import build_detector
 from victims.recipes import VictimRecipe, recipe_for, robust_recipe
 
@@ -126,8 +127,8 @@ class DataProtectionSpec(Strict):
 
     dataset: str = "fashion_mnist"
     size: int = Field(5000, ge=10, description="first images of the train split to protect")
-    methods: list[Literal["sep", "sep-fa", "sep-fa-vr"]] = Field(
-        default_factory=lambda: ["sep", "sep-fa", "sep-fa-vr"], min_length=1
+    methods: list[ProtectionMethod] = Field(
+        default_factory=lambda: list(get_args(ProtectionMethod)), min_length=1
     )
     eps: list[float] = Field(default_factory=lambda: [8.0], min_length=1, description="pixel levels (x/255)")
     steps: int = Field(10, ge=1)

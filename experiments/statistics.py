@@ -249,7 +249,7 @@ class Recovery(BaseModel):
         main = self.mean.text()
         if self.mean.bound == "not_reached":
             main = f"not reached ({main})"
-        if not self.has_band:
+        if self.fastest is None or self.slowest is None or not self.has_band:
             return main
         return f"{main} [{self.fastest.text()}, {self.slowest.text()}]"
 

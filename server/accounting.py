@@ -106,11 +106,11 @@ class Accounting:
 
     async def audit_events(self, key_id: str, count: int = 1000) -> list[dict[str, str]]:
         """The most recent ``count`` audit events of a key, oldest first."""
-        entries = await self.redis.xrevrange(self.audit_stream(key_id), count=count)
+        entries = await self.redis.xrevrange(self.audit_stream(key_id), count=count) or []
         events = []
         for entry_id, fields in reversed(entries):
-            event = {as_text(k): as_text(v) for k, v in fields.items()}
-            event["id"] = as_text(entry_id)
+            event = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+            event["id"] = as_text(entry_id or b"")
             events.append(event)
         return events
 

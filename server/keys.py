@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.typing import EncodableT, FieldT
 
 from server.accounting import Accounting, as_text
 from server.errors import AuthenticationError
@@ -117,7 +118,7 @@ class KeyStore:
         record = KeyRecord(
             **spec.model_dump(), key_id=key_id, created_at=datetime.now(UTC).isoformat(timespec="seconds")
         )
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "key_id": key_id,
             "name": spec.name,
             "secret_hash": self._hash(secret),

@@ -35,7 +35,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        headers: dict[bytes, bytes] = dict(scope.get("headers") or [])
         given = headers.get(b"x-client-request-id", headers.get(b"x-request-id", b"")).decode("latin-1")
         client_request_id = given if _SAFE_ID.match(given) else ""
         request_id = uuid.uuid4().hex

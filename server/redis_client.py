@@ -51,7 +51,7 @@ class ClusterClient(RedisCluster):
     """redis-py's asyncio cluster client whose commands wait for a free connection (see the module)."""
 
     def __init__(self, *args: Any, max_in_flight: int, wait_timeout: float, **kwargs: Any) -> None:
-        super().__init__(*args, max_connections=max_in_flight, **kwargs)
+        super().__init__(*args, **{**kwargs, "max_connections": max_in_flight})
         self._gate = asyncio.Semaphore(max_in_flight)
         self._wait_timeout = wait_timeout
         self._discovering = asyncio.Lock()
@@ -97,7 +97,8 @@ class ClusterClient(RedisCluster):
         key in one slot, as redis-py's cluster transactions require)."""
         if shard_hint:
             raise ValueError("shard_hint is not supported on a Redis Cluster")
-        return _GatedPipeline(self, transaction)
+        # redis-py's stubs mark ClusterPipeline abstract (an attribute set by its own __init__).
+        return _GatedPipeline(self, transaction)  # type: ignore[abstract]
 
 
 class _GatedPipeline(ClusterPipeline):
@@ -117,7 +118,9 @@ def cluster_client(url: str, max_connections: int, timeout: float) -> ClusterCli
         raise ValueError(f"a Redis Cluster has only database 0; the URL asks for {parsed['db']}")
     if "path" in parsed:
         raise ValueError("a Redis Cluster is reached over TCP, not a unix socket")
-    return ClusterClient.from_url(url, max_in_flight=max_connections, wait_timeout=timeout)
+    client = ClusterClient.from_url(url, max_in_flight=max_connections, wait_timeout=timeout)
+    assert isinstance(client, ClusterClient)  # from_url is a classmethod: cls(...)
+    return client
 
 
 def make_redis(settings: ServerSettings) -> RedisClient:

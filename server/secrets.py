@@ -20,9 +20,9 @@ import secrets
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
-from redis.asyncio import Redis
 
 from server.accounting import as_text
+from server.redis_client import RedisClient
 
 logger = logging.getLogger("stealrange.server")
 
@@ -42,7 +42,7 @@ class ServerSecrets:
     configured: dict[str, SecretStr | None]
     _values: dict[str, bytes] = field(default_factory=dict, repr=False)
 
-    async def resolve(self, redis: Redis) -> None:
+    async def resolve(self, redis: RedisClient) -> None:
         """Configured values as they are; the others read from Redis, or generated and stored there."""
         for name, value in self.configured.items():
             if value is not None:

@@ -35,9 +35,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from server.accounting import as_text
+from server.redis_client import RedisClient
 
 logger = logging.getLogger("stealrange.server")
 
@@ -70,7 +69,7 @@ class ModelStats:
     The tally is written by the event loop (requests) and the inference threads (forwards), so a
     lock guards it: held for a few dictionary updates, never across a Redis round trip."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
         self._pending: dict[str, Counter[str]] = defaultdict(Counter)

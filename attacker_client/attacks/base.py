@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 
 from attacker_client.attacks.contract import SURROGATE_MEAN, SURROGATE_STD, Attack, AttackParams
 from common.datasets import ImageData
-from common.devices import memory_format
+from common.devices import move_to
 from common.models import BACKBONES, Encoder, ImageModel, build_model
 from common.training import StepFn, TrainConfig, run_steps
 from common.views import ViewConfig, ViewGenerator, to_uint8
@@ -196,7 +196,7 @@ class EncoderAttack(Attack):
         under ``torchrun``) for its forward.
         """
         started = time.perf_counter()
-        surrogate.to(device, memory_format=memory_format(device))
+        move_to(surrogate, device)
         history = run_steps(
             surrogate,
             n_samples,

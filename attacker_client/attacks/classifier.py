@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,9 +31,12 @@ from pydantic import Field, field_validator
 
 from attacker_client.attacks.contract import SURROGATE_MEAN, SURROGATE_STD, Attack, AttackParams
 from common.datasets import ImageData
-from common.devices import autocast, memory_format
+from common.devices import autocast, move_to
 from common.models import BACKBONES, Classifier, build_model
 from common.training import EpochHook, TrainConfig, batch_to_device, batches_per_epoch, run_steps
+
+if TYPE_CHECKING:
+    from attacker_client.uq.base import Monitor
 
 AnswerMode = Literal["probabilities", "top_k", "label"]
 """What a classifier attack asks the victim for (the served output modes it can learn from; the
@@ -281,7 +284,7 @@ class ClassifierAttack(Attack):
         updates (default: the model's).
         """
         p = self.params
-        model.to(device, memory_format=memory_format(device))
+        move_to(model, device)
         targets = data.targets.to(device)
 
         def step(net: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -311,10 +314,11 @@ class ClassifierAttack(Attack):
         budget: int,
         device: torch.device,
         progress: bool | None = None,
-        monitor: torch.Tensor | None = None,
+        monitor: Monitor | None = None,
     ) -> ClassifierStealingResult:
         """Spend at most ``budget`` queries on images of ``pool``; train the surrogate(s).
 
-        ``monitor``: held-out uint8 images (no queries spent on them) on which the members'
-        predictions are logged during training (prediction variance over iterations).
+        ``monitor``: held-out uint8 images (no queries spent on them) and, when known, the victim's
+        labels of them, on which the members' predictions are logged during training (prediction
+        variance over iterations; :class:`~attacker_client.uq.base.Monitor`).
         """

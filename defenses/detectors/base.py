@@ -75,7 +75,7 @@ class Detector(Configurable, abc.ABC):
     Params: ClassVar[type[DetectorParams]] = DetectorParams
     params: DetectorParams
 
-    def __init__(self, params: Params | dict[str, Any] | None = None, **overrides: Any) -> None:
+    def __init__(self, params: DetectorParams | dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(params, **overrides)
         self.fallback: DefensePipeline | None = None  # built by check() when action is "defend"
 

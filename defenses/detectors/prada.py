@@ -254,8 +254,13 @@ class PRADA(Detector):
         cached = self._sets.get(name)
         if cached is not None:
             self._sets.move_to_end(name)
-            stale = count is None or cached.epoch != epoch or count < cached.count
-            if stale or cached.rows.shape[1] != dim or count - cached.count > self.params.max_set_size:
+            if (
+                count is None
+                or cached.epoch != epoch
+                or count < cached.count
+                or cached.rows.shape[1] != dim
+                or count - cached.count > self.params.max_set_size
+            ):
                 self._cache_drop(name)
                 cached = None
         if cached is not None and count == cached.count:
@@ -308,13 +313,13 @@ class PRADA(Detector):
         epoch = counts.get("epoch")
         if epoch is None:  # a new state (or one written before the counters): give it an identity
             await store.redis.hsetnx(counts_key, "epoch", secrets.token_hex(8))
-            epoch = _as_text(await store.redis.hget(counts_key, "epoch"))
+            epoch = _as_text(await store.redis.hget(counts_key, "epoch") or b"")
         names = {c: self._key(store, key_id, model, "g", str(c)) for c in sorted(set(classes))}
         read: dict[int, tuple[torch.Tensor | None, list[bytes], int]] = {}
         for c, name in names.items():
-            count = counts.get(f"g:{c}")
+            counted = counts.get(f"g:{c}")
             read[c] = await self._read_set(
-                store, counts_key, name, c, epoch, None if count is None else int(count), dim
+                store, counts_key, name, c, epoch, None if counted is None else int(counted), dim
             )
         legacy_total = None
         if "d" not in counts:
@@ -336,8 +341,8 @@ class PRADA(Detector):
             return sets, new_rows, distances, payload
 
         sets, new_rows, distances, payload = await anyio.to_thread.run_sync(compute)
-        for c, rows in sets.items():  # the sets as Redis holds them now
-            self._cache_put(names[c], CachedSet(epoch, read[c][2], rows))
+        for c, held in sets.items():  # the sets as Redis holds them now
+            self._cache_put(names[c], CachedSet(epoch, read[c][2], held))
 
         at: dict[str, int] = {}  # where the replies we need are in the transaction's results
         async with store.redis.pipeline(transaction=True) as pipe:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -67,7 +67,7 @@ def teacher_recipes(
 ) -> tuple[VictimRecipe, VictimRecipe]:
     """(plain, AST) teacher recipes: the quick profile's, or the ci pair on the synthetic set; an AST
     variant other than the default (KL, own pairing) is named ``<plain>-ast-<divergence>-<pairing>``."""
-    variant = {"divergence": divergence, "pairing": pairing}
+    variant: dict[str, Any] = {"divergence": divergence, "pairing": pairing}
     if dataset != CI_DATASET:
         plain = recipe_for("classifier", "quick")
         ast = recipe_for("classifier", "quick", "ast", **variant)

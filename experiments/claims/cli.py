@@ -67,7 +67,7 @@ def claims_command(
     report = run_claims(
         only=only,
         seeds=seeds,
-        size=size,  # type: ignore[arg-type]  # checked against SIZES above
+        size=size,  # checked against SIZES above
         out=out,
         cache=cache,
         store=store,
