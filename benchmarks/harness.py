@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -54,17 +54,28 @@ def served_model(store: Path, graph_mode: GraphMode) -> ServedModel:
     return ModelRegistry.load(store, "cpu", graph_mode).models[MODEL]
 
 
-def raw_forward(served: ServedModel, batch: int, repeats: int, warmup: int = 20) -> list[float]:
-    """Seconds of each of ``repeats`` in-process forwards of ``batch`` random uint8 images (after
-    ``warmup``), on the calling thread, as the server's inference thread runs them."""
-    images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+def timed(run: Callable[[], object], repeats: int, warmup: int = 20) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run()``, after ``warmup`` untimed ones."""
     times = []
     for i in range(repeats + warmup):
         started = time.perf_counter()
-        served.forward(served.to_model_input(images))
+        run()
         if i >= warmup:
             times.append(time.perf_counter() - started)
     return times
+
+
+def forward_of(served: ServedModel, batch: int) -> Callable[[], object]:
+    """One in-process forward of ``batch`` random uint8 images, as the server's inference thread
+    runs it (:meth:`ServedModel.to_model_input`, then :meth:`ServedModel.forward`)."""
+    images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+    return lambda: served.forward(served.to_model_input(images))
+
+
+def raw_forward(served: ServedModel, batch: int, repeats: int, warmup: int = 20) -> list[float]:
+    """Seconds of each of ``repeats`` in-process forwards of ``batch`` images (after ``warmup``),
+    on the calling thread."""
+    return timed(forward_of(served, batch), repeats, warmup)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,10 +51,12 @@ from harness import (
     ROOT,
     cpu_seconds,
     ensure_store,
+    forward_of,
     make_keys,
     raw_forward,
     redis_for_api,
     served_model,
+    timed,
 )
 
 KEYS = 8
@@ -67,16 +69,8 @@ def gil_probe(store: Path) -> None:
 
     def on_thread(served: ServedModel, batch: int, busy: bool) -> float:
         times: list[float] = []
-        images = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
-
-        def run() -> None:
-            for i in range(70):
-                started = time.perf_counter()
-                served.forward(served.to_model_input(images))
-                if i >= 10:
-                    times.append(time.perf_counter() - started)
-
-        thread = threading.Thread(target=run)
+        forward = forward_of(served, batch)
+        thread = threading.Thread(target=lambda: times.extend(timed(forward, 60, warmup=10)))
         thread.start()
         while thread.is_alive():
             if busy:  # pure Python for 1 ms at a time, as a loop with ready callbacks

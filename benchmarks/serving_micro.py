@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from server.accounting import Accounting
@@ -36,27 +35,16 @@ from server.redis_client import make_redis
 from server.registry import ServedModel
 from server.settings import ServerSettings
 
-from harness import ROOT, ensure_store, redis_for_api, served_model
+from harness import ROOT, ensure_store, forward_of, redis_for_api, served_model, timed
 
 
-def one_image_forward(served: ServedModel) -> Callable[[], None]:
-    image = np.random.default_rng(0).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
-    return lambda: served.forward(served.to_model_input(image))
-
-
-def p50_ms(run: Callable[[], object], repeats: int, warmup: int = 20) -> float:
-    """Median wall time of ``run()``, in ms."""
-    times = []
-    for i in range(repeats + warmup):
-        started = time.perf_counter()
-        run()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+def p50_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``run()``, in ms (after 20 untimed calls)."""
+    return statistics.median(timed(run, repeats)) * 1000
 
 
 def hop(served: ServedModel, threads: int, repeats: int) -> None:
-    forward = one_image_forward(served)
+    forward = forward_of(served, 1)
     first = p50_ms(forward, repeats)
     with ThreadPoolExecutor(4) as pool:
         pooled = p50_ms(lambda: pool.submit(forward).result(), repeats)
@@ -73,7 +61,7 @@ def hop(served: ServedModel, threads: int, repeats: int) -> None:
 
 
 def pause(served: ServedModel, threads: int, repeats: int) -> None:
-    forward = one_image_forward(served)
+    forward = forward_of(served, 1)
 
     def cpu_ms(gap_s: float) -> float:
         times = []
