@@ -62,7 +62,7 @@ from harness import (
 KEYS = 8
 
 
-def gil_probe(store: Path) -> None:
+def gil_probe(store: Path, repeats: int) -> None:
     """A forward on a second thread while this one is idle, then while it runs Python without a
     pause (as a busy event loop does): the eager module waits for the GIL after every op, the
     serving graph does not (:mod:`server.graphs`)."""
@@ -70,7 +70,8 @@ def gil_probe(store: Path) -> None:
     def on_thread(served: ServedModel, batch: int, busy: bool) -> float:
         times: list[float] = []
         forward = forward_of(served, batch)
-        thread = threading.Thread(target=lambda: times.extend(timed(forward, 60, warmup=10)))
+        warmup = max(2, repeats // 6)
+        thread = threading.Thread(target=lambda: times.extend(timed(forward, repeats, warmup)))
         thread.start()
         while thread.is_alive():
             if busy:  # pure Python for 1 ms at a time, as a loop with ready callbacks
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument(
         "--gil-probe", action="store_true", help="only: forwards on a thread beside an idle or busy one"
     )
+    parser.add_argument("--gil-repeats", type=int, default=60, help="timed forwards per GIL-probe cell")
     parser.add_argument("--queue-delay-us", type=int, default=0, help="STEALRANGE_BATCH_QUEUE_DELAY_US")
     parser.add_argument(
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="more server settings"
@@ -259,7 +261,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = ensure_store(args.store)
     if args.gil_probe:
-        gil_probe(store)
+        gil_probe(store, args.gil_repeats)
         return
     served = served_model(store, args.serving_graph)
     eager_p50 = statistics.median(raw_forward(served_model(store, "eager"), 1, args.raw_repeats)) * 1000

@@ -62,3 +62,9 @@ def test_serving_micro_runs_every_probe() -> None:
     assert re.search(rf"pause .*back to back {NUMBER} ms; after a 2 ms sleep {NUMBER} ms", out), out
     assert re.search(rf"redis: a charge p50 back to back {NUMBER} ms; after 1 ms idle {NUMBER}", out), out
     assert re.search(rf"embedded fakeredis: a charge p50 {NUMBER} ms; an HGET {NUMBER} ms", out), out
+
+
+def test_serve_latency_gil_probe_runs() -> None:
+    out = run_benchmark("serve_latency.py", "--gil-probe", "--gil-repeats", "3", "--threads", "1")
+    for mode in ("eager", "torchscript"):
+        assert re.search(rf"{mode} +1 images: idle +{NUMBER}, busy +{NUMBER}", out), out
