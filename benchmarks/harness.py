@@ -54,14 +54,24 @@ def served_model(store: Path, graph_mode: GraphMode) -> ServedModel:
     return ModelRegistry.load(store, "cpu", graph_mode).models[MODEL]
 
 
-def timed(run: Callable[[], object], repeats: int, warmup: int = 20) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run()``, after ``warmup`` untimed ones."""
+def timed(
+    run: Callable[[], object],
+    repeats: int,
+    warmup: int = 20,
+    clock: Callable[[], float] = time.perf_counter,
+    pause_s: float = 0.0,
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run()`` on ``clock`` (wall time by default;
+    ``time.thread_time``: the calling thread's CPU), after ``warmup`` untimed ones; with
+    ``pause_s``, each call after that long asleep."""
     times = []
     for i in range(repeats + warmup):
-        started = time.perf_counter()
+        if pause_s:
+            time.sleep(pause_s)
+        started = clock()
         run()
         if i >= warmup:
-            times.append(time.perf_counter() - started)
+            times.append(clock() - started)
     return times
 
 

@@ -64,15 +64,7 @@ def pause(served: ServedModel, threads: int, repeats: int) -> None:
     forward = forward_of(served, 1)
 
     def cpu_ms(gap_s: float) -> float:
-        times = []
-        for i in range(repeats + 20):
-            if gap_s:
-                time.sleep(gap_s)
-            started = time.thread_time()
-            forward()
-            if i >= 20:
-                times.append(time.thread_time() - started)
-        return statistics.median(times) * 1000
+        return statistics.median(timed(forward, repeats, clock=time.thread_time, pause_s=gap_s)) * 1000
 
     hot, after_pause = cpu_ms(0.0), cpu_ms(0.002)
     cond = threading.Condition()
